@@ -1,0 +1,268 @@
+"""Configuration: one dataclass per component, composed in `FocusConfig`.
+
+FOCUS (arXiv 2506.16806, §3) is built from a dual-branch visual encoder, a MoVQ visual
+tokenizer, a Qwen2.5 LLM, a segmentation predictor and a diffusion decoder. Each part has a
+dataclass here; `FocusConfig` holds one of each plus the data and training settings.
+
+Three named presets (minGPT-style):
+  tiny   every stage trains on 2 CPU cores in minutes (ShapesWorld 64x64, <= ~12M params)
+  small  the same code on one GPU, wider and at 128 px
+  paper  the published sizes (Qwen2.5-3B, ConvNeXt-L, a Qwen2.5-VL ViT, MoVQGAN-67M, SDXL
+         UNet); built on the meta device here, loaded with `from_pretrained` where the
+         weights exist.
+
+The config is saved as JSON beside every checkpoint; `FocusConfig.from_dict` refuses unknown
+keys with an error naming them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 64  # ShapesWorld render size = the high-resolution input
+    min_objects: int = 2
+    max_objects: int = 6
+    seed: int = 0  # generator seed; the val split uses a disjoint index range
+    val_offset: int = 1_000_000  # sample i of split "val" is scene val_offset + i
+
+
+@dataclass
+class EncoderConfig:
+    """Dual-branch encoder (paper §3.1): a ViT on the low-res image, ConvNeXt on the high-res."""
+
+    vit_kind: str = "siglip"  # "siglip" (tiny/small) | "qwen2_5_vl" (paper)
+    low_res: int = 32  # vanilla branch input size
+    vit_patch: int = 4
+    vit_hidden: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    vit_mlp: int = 512
+    vit_pretrained: str = ""  # path / hub id loaded with from_pretrained ("" = build from config)
+    high_res: int = 64  # hierarchical branch input size
+    convnext_depths: tuple = (1, 1, 2, 1)
+    convnext_dims: tuple = (32, 64, 96, 128)
+    convnext_pretrained: str = ""
+    fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention
+    adapter_hidden: int = 256  # MLP adapter to the LLM width
+
+
+@dataclass
+class LLMConfig:
+    """The causal LM at the centre (paper: Qwen2.5-3B); tiny: a Qwen2 built from config."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    max_position: int = 1024
+    text_vocab_size: int = 1024  # tiny: the size of the BPE vocabulary trained on ShapesWorld
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    pretrained: str = ""  # e.g. "Qwen/Qwen2.5-3B" at paper scale
+
+
+@dataclass
+class TokenizerConfig:
+    """MoVQ visual tokenizer (paper §3.2): pixel-level VQ codes + semantic-level codes."""
+
+    block_out_channels: tuple = (32, 64, 64)  # downsampling factor 2**(len-1)
+    layers_per_block: int = 1
+    latent_channels: int = 16
+    num_vq_embeddings: int = 256  # pixel codebook size
+    vq_embed_dim: int = 16
+    norm_num_groups: int = 8
+    sem_codebook_size: int = 256  # semantic codebook over vanilla-encoder features
+    sem_dim: int = 32
+    commitment_beta: float = 0.25
+    perceptual_weight: float = 0.0  # larger presets: LPIPS-style term
+    adversarial_weight: float = 0.0  # larger presets: patch-GAN term
+    pretrained: str = ""
+
+
+@dataclass
+class SegmentationConfig:
+    """SAM-style mask decoder driven by the <seg> hidden state (paper §3.3, LISA)."""
+
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+    num_region_tokens: int = 4  # tokens one region prompt becomes in the LLM input
+
+
+@dataclass
+class DiffusionConfig:
+    """Diffusion decoder in the tokenizer's latent space; the mask is its spatial prompt (§3.4)."""
+
+    block_out_channels: tuple = (64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 128
+    num_train_timesteps: int = 1000
+    num_inference_steps: int = 10
+    guidance_scale: float = 2.0
+    cond_dropout: float = 0.1  # classifier-free guidance: condition dropped in training
+    mask_condition: str = "explicit"  # "explicit" (mask channel) | "tokens" (the ablation)
+    pretrained: str = ""  # e.g. SDXL's UNet at paper scale
+
+
+@dataclass
+class StageConfig:
+    steps: int = 500
+    lr: float = 1e-3
+    batch_size: int = 32
+    warmup: int = 20
+    weight_decay: float = 0.0
+    log_every: int = 25
+    ckpt_every: int = 250
+
+
+@dataclass
+class TrainConfig:
+    """Progressive training (paper §3.5): stage 0 stands in for pretrained backbones."""
+
+    seed: int = 0
+    stage0: StageConfig = field(default_factory=StageConfig)  # LLM text + contrastive encoders
+    stage1: StageConfig = field(default_factory=StageConfig)  # tokenizer + diffusion decoder
+    stage2: StageConfig = field(default_factory=StageConfig)  # adapter warm-up (captioning)
+    stage3: StageConfig = field(default_factory=StageConfig)  # multimodal pretraining + seg
+    stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
+    w_text: float = 1.0  # text cross-entropy
+    w_mask_bce: float = 2.0  # mask binary cross-entropy
+    w_mask_dice: float = 0.5  # mask Dice
+    w_visual: float = 1.0  # visual-token cross-entropy
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # "no" on CPU; "bf16" on GPUs (accelerate)
+
+
+@dataclass
+class FocusConfig:
+    preset: str = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ----- presets -----------------------------------------------------------------------
+    @classmethod
+    def tiny(cls) -> FocusConfig:
+        return cls()  # the dataclass defaults are the tiny preset
+
+    @classmethod
+    def small(cls) -> FocusConfig:
+        return cls.from_dict({
+            "preset": "small",
+            "data": {"image_size": 128},
+            "encoder": {"low_res": 64, "vit_patch": 8, "vit_hidden": 384, "vit_layers": 8,
+                        "vit_heads": 6, "vit_mlp": 1536, "high_res": 128,
+                        "convnext_depths": [2, 2, 6, 2], "convnext_dims": [64, 128, 256, 512],
+                        "fusion_heads": 8, "adapter_hidden": 1024},
+            "llm": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4,
+                    "intermediate_size": 2048, "max_position": 2048, "text_vocab_size": 4096},
+            "tokenizer": {"block_out_channels": [64, 128, 128], "layers_per_block": 2,
+                          "num_vq_embeddings": 1024, "norm_num_groups": 32},
+            "segmentation": {"dim": 256, "num_layers": 2, "num_heads": 8, "mlp_dim": 1024},
+            "diffusion": {"block_out_channels": [128, 256, 256], "layers_per_block": 2,
+                          "cross_attention_dim": 768, "num_inference_steps": 25},
+            "train": {"mixed_precision": "bf16"},
+        })
+
+    @classmethod
+    def paper(cls) -> FocusConfig:
+        """Published sizes: Qwen2.5-3B, ConvNeXt-L @768, Qwen2.5-VL ViT @448, MoVQGAN-67M, SDXL."""
+        return cls.from_dict({
+            "preset": "paper",
+            "data": {"image_size": 768},
+            "encoder": {"vit_kind": "qwen2_5_vl", "low_res": 448, "vit_patch": 14,
+                        "vit_hidden": 1280, "vit_layers": 32, "vit_heads": 16, "vit_mlp": 3420,
+                        "high_res": 768, "convnext_depths": [3, 3, 27, 3],
+                        "convnext_dims": [192, 384, 768, 1536], "fusion_heads": 16,
+                        "adapter_hidden": 2048,
+                        "vit_pretrained": "Qwen/Qwen2.5-VL-3B-Instruct",
+                        "convnext_pretrained": "facebook/convnext-large-224-22k-1k"},
+            "llm": {"hidden_size": 2048, "num_layers": 36, "num_heads": 16, "num_kv_heads": 2,
+                    "intermediate_size": 11008, "max_position": 32768,
+                    "text_vocab_size": 151665, "rope_theta": 1_000_000.0,
+                    "tie_word_embeddings": True, "pretrained": "Qwen/Qwen2.5-3B"},
+            "tokenizer": {"block_out_channels": [128, 256, 256, 512], "layers_per_block": 2,
+                          "latent_channels": 4, "num_vq_embeddings": 16384, "vq_embed_dim": 4,
+                          "norm_num_groups": 32, "sem_codebook_size": 16384, "sem_dim": 256,
+                          "perceptual_weight": 1.0, "adversarial_weight": 0.1,
+                          "pretrained": "kandinsky-community/kandinsky-2-2-decoder/movq"},
+            "segmentation": {"dim": 256, "num_layers": 2, "num_heads": 8, "mlp_dim": 2048,
+                             "num_region_tokens": 8},
+            "diffusion": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+                          "attention_head_dim": 64, "cross_attention_dim": 2048,
+                          "num_inference_steps": 30, "guidance_scale": 5.0,
+                          "pretrained": "stabilityai/stable-diffusion-xl-base-1.0/unet"},
+            "train": {"mixed_precision": "bf16"},
+        })
+
+    @classmethod
+    def from_preset(cls, name: str) -> FocusConfig:
+        presets = {"tiny": cls.tiny, "small": cls.small, "paper": cls.paper}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(presets)}")
+        return presets[name]()
+
+    # ----- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FocusConfig:
+        return _build(cls, d, path="FocusConfig")
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FocusConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found: pass the checkpoint "
+                                    "directory that holds config.json")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON ({e}); re-save it with "
+                             "FocusConfig.to_json") from None
+        return cls.from_dict(d)
+
+
+def _build(kind: type, d: Any, path: str) -> Any:
+    """Build dataclass `kind` from a (possibly partial) dict; unknown keys are an error."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{path} must be a mapping of settings, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} in {path}; valid keys are "
+                         f"{sorted(fields)}")
+    obj = kind()
+    for name, value in d.items():
+        default = getattr(obj, name)
+        if dataclasses.is_dataclass(default):
+            value = _build(type(default), value, f"{path}.{name}")
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise TypeError(f"{path}.{name} must be true/false, got {value!r}")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{path}.{name} must be an int, got {value!r}")
+        elif isinstance(default, float) and isinstance(value, (int, float)):
+            value = float(value)
+        setattr(obj, name, value)
+    return obj

@@ -1,0 +1,85 @@
+"""FocusModel: the parts of FOCUS (arXiv 2506.16806, Fig. 2) assembled into one model.
+
+    image ──► DualEncoder ──► visual tokens ─┐
+                  └─► multi-scale features ──┼──────────────► SegmentationPredictor ─► mask
+    region prompt ─► RegionPromptEncoder ────┤                      ▲ (<seg> hidden state)
+    text ───────────────────────────────────►FocusLLM ─► text, <seg>, visual tokens
+                                                                    │
+    VisualTokenizer (codes / latents) ◄──── DiffusionDecoder ◄──────┘ (+ mask as spatial prompt)
+
+`FocusModel(FocusConfig.tiny())` builds every part from config with random weights; under
+`accelerate.init_empty_weights()` any preset builds on the meta device.
+`save_pretrained(dir)` writes config.json + model.safetensors (+ the text tokenizer);
+`from_pretrained(dir)` reads them back and refuses a checkpoint that does not match its config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from focus_ref.config import FocusConfig
+from focus_ref.diffusion import DiffusionDecoder
+from focus_ref.encoder import DualEncoder
+from focus_ref.llm import FocusLLM
+from focus_ref.segmentation import RegionPromptEncoder, SegmentationPredictor
+from focus_ref.tokenizer import VisualTokenizer
+
+
+class FocusModel(nn.Module):
+    def __init__(self, config: FocusConfig, text_tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.encoder = DualEncoder(config)  # vanilla ViT + hierarchical ConvNeXt + fusion
+        self.llm = FocusLLM(config, text_tokenizer=text_tokenizer)  # Qwen2-family causal LM
+        self.visual_tokenizer = VisualTokenizer(config)  # MoVQ: semantic + pixel codes
+        self.region_encoder = RegionPromptEncoder(config)  # click/box/scribble/mask -> tokens
+        self.segmentation = SegmentationPredictor(config)  # <seg> state -> mask
+        self.diffusion = DiffusionDecoder(config)  # mask-conditioned latent diffusion
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> dict[str, int]:
+        parts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.named_children()}
+        return {**parts, "total": sum(parts.values())}
+
+    # ----- checkpoints -------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, half: bool = False) -> None:
+        """config.json + model.safetensors (+ text_tokenizer/). `half` stores fp16 on disk."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(path / "config.json")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, str(path / "model.safetensors.tmp"))
+        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+        self.llm.save_text_tokenizer(path / "text_tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> FocusModel:
+        path = Path(path)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (expected config.json and model.safetensors): pass a "
+                "folder written by save_pretrained or by `python -m focus_ref train`")
+        config = FocusConfig.from_json(path / "config.json")
+        model = cls(config, text_tokenizer=FocusLLM.load_text_tokenizer(path / "text_tokenizer"))
+        state = load_file(str(path / "model.safetensors"))
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"checkpoint {path} does not match its config.json: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors (first: "
+                f"{(missing + unexpected + wrong)[:3]}). Re-save it with this version of "
+                "focus_ref, or fix config.json to the sizes it was trained with.")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        return model.to(device).eval()
