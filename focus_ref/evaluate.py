@@ -1,0 +1,250 @@
+"""Evaluation: the metrics of DESIGN §5, and (later) the evaluation report.
+
+FOCUS (arXiv 2506.16806, §4) reports referring segmentation in cIoU, generalised referring
+(several targets or none, after InstanceVG / GRES) in gIoU, N-acc and T-acc, understanding
+as answer accuracy, editing as success inside the region and preservation outside it, and
+the visual tokenizer by reconstruction quality and codebook use. The definitions are fixed
+here once, so every notebook, test and `python -m focus_ref eval` computes the same numbers.
+
+Masks are boolean arrays: a stacked (N, H, W) array / tensor, or a list of (H, W) masks of
+different sizes (real datasets). Images are float tensors (B, 3, H, W) in [-1, 1], so the
+PSNR data range is 2. Everything is vectorised over pixels; the only Python loop is over
+samples of different sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# ----- segmentation: cIoU, gIoU ----------------------------------------------------------------
+
+
+def _as_bool(mask) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        mask = mask > 0.5  # probabilities or {0, 1} masks: threshold at one half
+    return mask
+
+
+def intersection_union(preds, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample pixel counts |P_i ∩ G_i| and |P_i ∪ G_i|, each an int64 array (N,).
+
+    `preds` / `targets`: (N, H, W) arrays or tensors, or equally long lists of (H, W) masks.
+    Non-boolean masks are thresholded at 0.5.
+    """
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} predicted masks but {len(targets)} targets: "
+                         "pass one prediction per target")
+    if isinstance(preds, (np.ndarray, torch.Tensor)) and isinstance(
+            targets, (np.ndarray, torch.Tensor)):
+        p, g = _as_bool(preds), _as_bool(targets)  # (N, H, W) each
+        pairs = [(p, g)]
+    else:
+        pairs = [(_as_bool(p)[None], _as_bool(g)[None]) for p, g in zip(preds, targets)]
+    inter, union = [], []
+    for p, g in pairs:
+        if p.shape != g.shape:
+            raise ValueError(f"prediction of shape {p.shape[1:]} does not match its target "
+                             f"{g.shape[1:]}: resize the predicted mask to the image size")
+        p, g = p.reshape(len(p), -1), g.reshape(len(g), -1)  # (N, H*W)
+        inter.append((p & g).sum(1))  # (N,)
+        union.append((p | g).sum(1))  # (N,)
+    if not inter:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(inter).astype(np.int64), np.concatenate(union).astype(np.int64)
+
+
+def mask_iou(preds, targets) -> np.ndarray:
+    """Per-sample IoU_i = |P_i ∩ G_i| / |P_i ∪ G_i|, float array (N,).
+
+    An empty target with an empty prediction scores 1 (a correct "no target" answer);
+    an empty target with any predicted pixel scores 0.
+    """
+    inter, union = intersection_union(preds, targets)
+    return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
+
+
+def ciou(preds, targets) -> float:
+    """Cumulative IoU over the split: cIoU = Σ_i |P_i ∩ G_i| / Σ_i |P_i ∪ G_i|.
+
+    Large objects weigh more (the RefCOCO convention, LISA's "cIoU"). If every target and
+    every prediction is empty the union is 0 and cIoU is defined as 1; NaN for an empty split.
+    """
+    inter, union = intersection_union(preds, targets)
+    if len(union) == 0:
+        return math.nan
+    return 1.0 if union.sum() == 0 else float(inter.sum() / union.sum())
+
+
+def giou(preds, targets) -> float:
+    """Generalised IoU: the mean of per-sample IoU, gIoU = (1/N) Σ_i IoU_i.
+
+    Empty target + empty prediction = 1 (LISA / InstanceVG), so a model that correctly
+    answers "no target" is rewarded. NaN for an empty split.
+    """
+    iou = mask_iou(preds, targets)
+    return float(iou.mean()) if len(iou) else math.nan
+
+
+# ----- generalised referring (GRES): N-acc, T-acc ------------------------------------------------
+
+
+def has_target(masks) -> np.ndarray:
+    """Boolean (N,): whether each mask has at least one pixel (the "has target" decision)."""
+    if isinstance(masks, (np.ndarray, torch.Tensor)):
+        return _as_bool(masks).reshape(len(masks), -1).any(1)  # (N,)
+    return np.array([_as_bool(m).any() for m in masks], dtype=bool)  # (N,)
+
+
+def n_acc(pred_has, true_has) -> float:
+    """N-acc = #(predicted "no target" and truly no target) / #(truly no target).
+
+    `pred_has`, `true_has`: boolean (N,) "has target" flags (e.g. `has_target(masks)`).
+    NaN when no sample lacks a target.
+    """
+    pred_has, true_has = np.asarray(pred_has, bool), np.asarray(true_has, bool)
+    none = ~true_has
+    return float((~pred_has & none).sum() / none.sum()) if none.any() else math.nan
+
+
+def t_acc(pred_has, true_has) -> float:
+    """T-acc = #(predicted "has target" and truly has one) / #(truly has a target).
+
+    NaN when no sample has a target.
+    """
+    pred_has, true_has = np.asarray(pred_has, bool), np.asarray(true_has, bool)
+    return float((pred_has & true_has).sum() / true_has.sum()) if true_has.any() else math.nan
+
+
+def refseg_scores(preds, targets) -> dict[str, float]:
+    """All segmentation metrics at once: cIoU, gIoU, N-acc, T-acc and the sample count."""
+    pred_has, true_has = has_target(preds), has_target(targets)
+    return {"ciou": ciou(preds, targets), "giou": giou(preds, targets),
+            "n_acc": n_acc(pred_has, true_has), "t_acc": t_acc(pred_has, true_has),
+            "n": len(targets)}
+
+
+# ----- editing and reconstruction: PSNR and L1 inside / outside a region -------------------------
+
+
+def _images_and_weights(pred, target, mask):
+    """(B, C, H, W) float tensors + a (B, 1, H, W) 0/1 weight selecting the pixels to score."""
+    pred, target = torch.as_tensor(pred).float(), torch.as_tensor(target).float()
+    if pred.dim() == 3:
+        pred, target = pred[None], target[None]  # (1, C, H, W)
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(f"images must both be (B, C, H, W) or (C, H, W) of the same shape, "
+                         f"got {tuple(pred.shape)} and {tuple(target.shape)}")
+    b, _, h, w = pred.shape
+    if mask is None:
+        weight = torch.ones(b, 1, h, w)  # the whole image
+    else:
+        weight = torch.as_tensor(_as_bool(mask)).float()
+        if weight.dim() == 2:
+            weight = weight.expand(b, h, w)  # one region for the whole batch
+        if tuple(weight.shape) != (b, h, w):
+            raise ValueError(f"mask of shape {tuple(weight.shape)} does not match images "
+                             f"{tuple(pred.shape)}: pass (B, H, W) or (H, W)")
+        weight = weight[:, None]  # (B, 1, H, W)
+    return pred, target, weight.to(pred.device)
+
+
+def psnr(pred, target, mask=None, data_range: float = 2.0, max_db: float = 100.0) -> torch.Tensor:
+    """Per-image PSNR over the pixels of `mask` (all pixels if None), a tensor (B,).
+
+    PSNR_i = 10 · log10(R² / MSE_i),  MSE_i = Σ_p m_ip ||x_ip - y_ip||² / (C · Σ_p m_ip),
+    with R = data_range (2 for images in [-1, 1]). Identical pixels give `max_db` instead
+    of infinity; an empty region gives NaN (nothing to score). Average over a split with
+    `nanmean`.
+    """
+    pred, target, weight = _images_and_weights(pred, target, mask)
+    sq = ((pred - target) ** 2 * weight).sum((1, 2, 3))  # (B,)
+    count = weight.sum((1, 2, 3)) * pred.shape[1]  # (B,) scored values
+    mse = sq / count.clamp(min=1)  # (B,)
+    floor = data_range ** 2 / 10 ** (max_db / 10)  # the MSE at which PSNR = max_db
+    out = 10 * torch.log10(data_range ** 2 / mse.clamp(min=floor))  # (B,)
+    return torch.where(count > 0, out, torch.full_like(out, math.nan))
+
+
+def l1(pred, target, mask=None) -> torch.Tensor:
+    """Per-image mean absolute error over the pixels of `mask`, a tensor (B,).
+
+    L1_i = Σ_p m_ip |x_ip - y_ip|₁ / (C · Σ_p m_ip); NaN for an empty region.
+    """
+    pred, target, weight = _images_and_weights(pred, target, mask)
+    err = ((pred - target).abs() * weight).sum((1, 2, 3))  # (B,)
+    count = weight.sum((1, 2, 3)) * pred.shape[1]  # (B,)
+    return torch.where(count > 0, err / count.clamp(min=1), torch.full_like(err, math.nan))
+
+
+def region_scores(pred, target, region) -> dict[str, float]:
+    """PSNR and L1 inside and outside `region`, averaged over the batch (nanmean).
+
+    For an edit, "outside" is background preservation (edit.bg_psnr); "inside" compares
+    the edited region with the exact target of ShapesWorld.
+    """
+    inside = torch.as_tensor(_as_bool(region))
+    outside = ~inside
+    return {"psnr_in": float(psnr(pred, target, inside).nanmean()),
+            "psnr_out": float(psnr(pred, target, outside).nanmean()),
+            "l1_in": float(l1(pred, target, inside).nanmean()),
+            "l1_out": float(l1(pred, target, outside).nanmean())}
+
+
+# ----- understanding: answer accuracy ------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """The comparison form of an answer: surrounding whitespace stripped, lower-cased."""
+    return str(text).strip().lower()
+
+
+def answer_accuracy(preds: Sequence[str], answers: Sequence[str]) -> float:
+    """Exact-match accuracy = (1/N) Σ_i [norm(pred_i) == norm(answer_i)]; NaN if N = 0."""
+    if len(preds) != len(answers):
+        raise ValueError(f"got {len(preds)} predictions for {len(answers)} answers")
+    if not answers:
+        return math.nan
+    return float(np.mean([normalize_answer(p) == normalize_answer(a)
+                          for p, a in zip(preds, answers)]))
+
+
+# ----- visual tokenizer: codebook usage and perplexity ------------------------------------------
+
+
+def code_histogram(codes, codebook_size: int) -> torch.Tensor:
+    """Counts of each code over all positions of `codes` (any shape of ints), (K,)."""
+    codes = torch.as_tensor(codes).long().flatten()  # (N,)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"codes must lie in [0, {codebook_size}), got range "
+                         f"[{int(codes.min())}, {int(codes.max())}]: check codebook_size")
+    return torch.bincount(codes, minlength=codebook_size)  # (K,)
+
+
+def codebook_usage(codes, codebook_size: int) -> float:
+    """Share of the codebook used: |{k : count_k > 0}| / K."""
+    return float((code_histogram(codes, codebook_size) > 0).float().mean())
+
+
+def codebook_perplexity(codes, codebook_size: int) -> float:
+    """Perplexity of the empirical code distribution: exp(-Σ_k p_k log p_k).
+
+    1 when a single code is used, K when all K codes are used equally often.
+    """
+    counts = code_histogram(codes, codebook_size).double()  # (K,)
+    if counts.sum() == 0:
+        return math.nan
+    p = counts / counts.sum()  # (K,)
+    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # 0 · log 0 = 0
+    return float(torch.exp(entropy))
+
+
+# ----- evaluation report ------------------------------------------------------------------------
+# The report over a checkpoint (`python -m focus_ref eval`, DESIGN §6 flat keys) builds on the
+# metrics above; it lives below this line.
