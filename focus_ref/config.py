@@ -39,7 +39,7 @@ class EncoderConfig:
 
     vit_kind: str = "siglip"  # "siglip" (tiny/small) | "qwen2_5_vl" (paper)
     low_res: int = 32  # vanilla branch input size
-    vit_patch: int = 4
+    vit_patch: int = 8  # tiny: 4 x 4 = 16 visual tokens per image
     vit_hidden: int = 128
     vit_layers: int = 4
     vit_heads: int = 4
@@ -51,6 +51,14 @@ class EncoderConfig:
     convnext_pretrained: str = ""
     fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention
     adapter_hidden: int = 256  # MLP adapter to the LLM width
+    vit_out: int = 0  # width of the vanilla tokens (global_feats); 0 = vit_hidden. Qwen2.5-VL's
+    #                   patch merger outputs 2048 in the 3B model
+    clip_dim: int = 128  # stage-0 contrastive embedding size
+
+    @property
+    def vit_dim(self) -> int:
+        """C_vit: the width of `DualEncoder(...).global_feats` (read this, not vit_hidden)."""
+        return self.vit_out or self.vit_hidden
 
 
 @dataclass
@@ -63,9 +71,9 @@ class LLMConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 768
     max_position: int = 1024
-    text_vocab_size: int = 1024  # tiny: the size of the BPE vocabulary trained on ShapesWorld
+    text_vocab_size: int = 512  # text ids [0, V): tiny BPE (~440 tokens) padded to this size
     rope_theta: float = 10000.0
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # paper (Qwen2.5-3B): True
     pretrained: str = ""  # e.g. "Qwen/Qwen2.5-3B" at paper scale
 
 
@@ -84,6 +92,7 @@ class TokenizerConfig:
     commitment_beta: float = 0.25
     perceptual_weight: float = 0.0  # larger presets: LPIPS-style term
     adversarial_weight: float = 0.0  # larger presets: patch-GAN term
+    attn_at_lowest: bool = False  # self-attention blocks at the coarsest level (MoVQGAN-67M)
     pretrained: str = ""
 
 
@@ -96,6 +105,10 @@ class SegmentationConfig:
     num_heads: int = 4
     mlp_dim: int = 256
     num_region_tokens: int = 4  # tokens one region prompt becomes in the LLM input
+    decoder_stride: int = 8  # feature stride the two-way transformer reads; upsampled to stride 1
+    region_grid: int = 8  # a region prompt's shape is seen on a grid x grid raster
+    prompt_radius: float = 2.0  # pixels: click disc radius, scribble half-width
+    w_presence: float = 1.0  # weight of the "object present" BCE (GRES no-target)
 
 
 @dataclass
@@ -104,7 +117,7 @@ class DiffusionConfig:
 
     block_out_channels: tuple = (64, 128)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 32  # channels per attention head
     cross_attention_dim: int = 128
     num_train_timesteps: int = 1000
     num_inference_steps: int = 10
@@ -112,6 +125,32 @@ class DiffusionConfig:
     cond_dropout: float = 0.1  # classifier-free guidance: condition dropped in training
     mask_condition: str = "explicit"  # "explicit" (mask channel) | "tokens" (the ablation)
     pretrained: str = ""  # e.g. SDXL's UNet at paper scale
+    down_block_types: tuple = ("DownBlock2D", "CrossAttnDownBlock2D")  # () = all cross-attn
+    transformer_layers_per_block: tuple = ()  # () = one per block (SDXL: 1, 2, 10)
+    use_linear_projection: bool = False  # SDXL: True
+    norm_num_groups: int = 32
+    max_sem_tokens: int = 256  # semantic codes the context can hold
+    beta_schedule: str = "squaredcos_cap_v2"  # DDPM noise schedule (SDXL: "scaled_linear")
+    prediction_type: str = "v_prediction"  # or "epsilon"
+    sampler: str = "dpm"  # "dpm" (DPM-Solver++) | "ddim"
+    mask_loss_weight: float = 1.0  # extra weight of the loss inside the edit region
+    render_share: float = 0.5  # stage 1: share of "render from tokens" examples (rest: edits)
+
+
+@dataclass
+class EditConfig:
+    """Editing and generation (§3.4, stage 4): the LLM writes <seg> + semantic codes (editing.py)."""
+
+    share_generate: float = 0.3  # stage 4 task mix: text -> image examples
+    caption_dropout: float = 0.1  # generation examples with an empty caption (CFG on logits)
+    share_absent: float = 0.1  # of the rest: edits naming an absent object -> "no such object"
+    share_not_edit: float = 0.05  # a question / caption given as an edit -> refused
+    share_region: float = 0.2  # edits by a click / box / scribble / mask: "make this blue"
+    w_diffusion: float = 1.0  # weight of the decoder's denoising loss in stage 4
+    gen_guidance: float = 3.0  # classifier-free guidance on the code logits (generation)
+    gen_temperature: float = 1.0  # sampling temperature of generated codes (0 = greedy)
+    gen_top_k: int = 0  # keep the k most likely codes when sampling (0 = all)
+    max_instruction_tokens: int = 48  # longer instructions are refused with an error
 
 
 @dataclass
@@ -130,9 +169,19 @@ class TrainConfig:
     """Progressive training (paper §3.5): stage 0 stands in for pretrained backbones."""
 
     seed: int = 0
-    stage0: StageConfig = field(default_factory=StageConfig)  # LLM text + contrastive encoders
-    stage1: StageConfig = field(default_factory=StageConfig)  # tokenizer + diffusion decoder
-    stage2: StageConfig = field(default_factory=StageConfig)  # adapter warm-up (captioning)
+    stage0: StageConfig = field(default_factory=lambda: StageConfig(  # (a) LLM text pretraining
+        steps=300, lr=2e-3, batch_size=64, log_every=10, ckpt_every=100))
+    stage0_clip: StageConfig = field(default_factory=lambda: StageConfig(  # (b) CLIP encoders
+        steps=300, lr=1e-3, batch_size=64, log_every=10, ckpt_every=100))
+    scene_pool: int = 1000  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
+    text_scenes: int = 300  # stage 0a: scenes whose texts (~15 each) form the LM corpus
+    lm_seq_len: int = 64  # stage 0a: tokens per packed row
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(  # (a) visual tokenizer
+        steps=400, lr=2e-3, batch_size=8, warmup=10, log_every=10, ckpt_every=100))
+    stage1_decoder: StageConfig = field(default_factory=lambda: StageConfig(  # (b) diffusion
+        steps=400, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
+        steps=300, lr=1e-3, batch_size=32, log_every=10, ckpt_every=100))
     stage3: StageConfig = field(default_factory=StageConfig)  # multimodal pretraining + seg
     stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
     w_text: float = 1.0  # text cross-entropy
@@ -153,6 +202,7 @@ class FocusConfig:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
 
     # ----- presets -----------------------------------------------------------------------
     @classmethod
@@ -174,7 +224,9 @@ class FocusConfig:
                           "num_vq_embeddings": 1024, "norm_num_groups": 32},
             "segmentation": {"dim": 256, "num_layers": 2, "num_heads": 8, "mlp_dim": 1024},
             "diffusion": {"block_out_channels": [128, 256, 256], "layers_per_block": 2,
-                          "cross_attention_dim": 768, "num_inference_steps": 25},
+                          "cross_attention_dim": 768, "num_inference_steps": 25,
+                          "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                               "CrossAttnDownBlock2D"]},
             "train": {"mixed_precision": "bf16"},
         })
 
@@ -188,7 +240,7 @@ class FocusConfig:
                         "vit_hidden": 1280, "vit_layers": 32, "vit_heads": 16, "vit_mlp": 3420,
                         "high_res": 768, "convnext_depths": [3, 3, 27, 3],
                         "convnext_dims": [192, 384, 768, 1536], "fusion_heads": 16,
-                        "adapter_hidden": 2048,
+                        "adapter_hidden": 2048, "vit_out": 2048,
                         "vit_pretrained": "Qwen/Qwen2.5-VL-3B-Instruct",
                         "convnext_pretrained": "facebook/convnext-large-224-22k-1k"},
             "llm": {"hidden_size": 2048, "num_layers": 36, "num_heads": 16, "num_kv_heads": 2,
@@ -199,11 +251,17 @@ class FocusConfig:
                           "latent_channels": 4, "num_vq_embeddings": 16384, "vq_embed_dim": 4,
                           "norm_num_groups": 32, "sem_codebook_size": 16384, "sem_dim": 256,
                           "perceptual_weight": 1.0, "adversarial_weight": 0.1,
+                          "attn_at_lowest": True,
                           "pretrained": "kandinsky-community/kandinsky-2-2-decoder/movq"},
             "segmentation": {"dim": 256, "num_layers": 2, "num_heads": 8, "mlp_dim": 2048,
                              "num_region_tokens": 8},
             "diffusion": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
                           "attention_head_dim": 64, "cross_attention_dim": 2048,
+                          "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                               "CrossAttnDownBlock2D"],
+                          "transformer_layers_per_block": [1, 2, 10],
+                          "use_linear_projection": True, "beta_schedule": "scaled_linear",
+                          "max_sem_tokens": 1024,
                           "num_inference_steps": 30, "guidance_scale": 5.0,
                           "pretrained": "stabilityai/stable-diffusion-xl-base-1.0/unet"},
             "train": {"mixed_precision": "bf16"},

@@ -248,3 +248,76 @@ def codebook_perplexity(codes, codebook_size: int) -> float:
 # ----- evaluation report ------------------------------------------------------------------------
 # The report over a checkpoint (`python -m focus_ref eval`, DESIGN §6 flat keys) builds on the
 # metrics above; it lives below this line.
+
+
+def _union(masks, shape) -> np.ndarray:
+    """segment() output (K, H, W) or (H, W) -> one (H, W) mask: the union of its objects."""
+    m = np.asarray(masks, bool)
+    return m.reshape(-1, *shape).any(0) if m.size else np.zeros(shape, bool)
+
+
+def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = True,
+                   tasks: Sequence[str] = ("refseg", "region", "vqa", "tokenizer", "edit", "gen"),
+                   ) -> dict[str, float]:
+    """Every DESIGN §5 metric of a FocusModel on n held-out ShapesWorld scenes, as flat keys.
+
+    Calls only the public methods (segment / understand / edit / generate), so what is
+    measured is what a user gets. Edits and generation use min(n, 100) and min(n, 50) scenes
+    (they are the slow calls).
+    """
+    from tqdm import tqdm
+
+    from focus_ref import oracle
+    from focus_ref.data import image_to_tensor
+    from focus_ref.shapesworld import ShapesWorld
+
+    world = ShapesWorld(model.config.data, split)
+    samples = [world.sample(i) for i in range(n)]
+    shape = samples[0]["inst"].shape
+    out: dict[str, float] = {"n_scenes": n}
+    bar = (lambda it, d: tqdm(it, desc=d, leave=False)) if progress else (lambda it, d: it)
+    if "refseg" in tasks:  # words -> masks; several / no target included (GRES)
+        preds, targets = [], []
+        for s in bar(samples, "refseg"):
+            for r in s["refs"]:
+                preds.append(_union(model.segment(s["image"], expression=r["text"]), shape))
+                targets.append(np.isin(s["inst"], r["targets"]))
+        preds, targets = np.stack(preds), np.stack(targets)
+        has = has_target(targets)  # refseg.*: expressions with a target (RefCOCO convention)
+        sc, g = refseg_scores(preds[has], targets[has]), refseg_scores(preds, targets)
+        out.update({"refseg.ciou": sc["ciou"], "refseg.giou": sc["giou"], "refseg.n": sc["n"],
+                    "gres.ciou": g["ciou"], "gres.giou": g["giou"], "gres.n_acc": g["n_acc"],
+                    "gres.t_acc": g["t_acc"], "gres.n": g["n"]})
+    if "region" in tasks:  # click / box / scribble / mask -> mask, one object per scene
+        ious: dict[str, list] = {k: [] for k in ("click", "box", "scribble", "mask")}
+        for s in bar(samples, "region"):
+            k = s["index"] % len(s["prompts"])
+            for kind in ious:
+                pred = _union(model.segment(s["image"], **{kind: s["prompts"][k][kind]}), shape)
+                ious[kind].append(float(mask_iou(pred[None], (s["inst"] == k)[None])[0]))
+        for kind, v in ious.items():
+            out[f"region.{kind}.miou"] = float(np.mean(v))
+        out["region.miou"] = float(np.mean([np.mean(v) for v in ious.values()]))
+    if "vqa" in tasks:
+        qa = [(s, q, a) for s in samples for q, a in s["qa"]]
+        preds = [model.understand(s["image"], q) for s, q, _ in bar(qa, "vqa")]
+        out.update({"vqa.acc": answer_accuracy(preds, [a for *_, a in qa]), "vqa.n": len(qa)})
+    if "tokenizer" in tasks:
+        tok = model.visual_tokenizer
+        x = torch.stack([image_to_tensor(s["image"]) for s in samples]).to(model.device)
+        with torch.no_grad():
+            codes = torch.cat([tok.encode(x[i:i + 64]) for i in range(0, len(x), 64)])
+            rec = torch.cat([tok.decode(codes[i:i + 64]) for i in range(0, len(x), 64)])
+        out["tokenizer.psnr"] = float(psnr(rec.clamp(-1, 1), x).mean())
+        out["tokenizer.code_usage"] = codebook_usage(codes, model.config.tokenizer.num_vq_embeddings)
+    if "edit" in tasks:
+        judged = [oracle.judge_edit(np.asarray(model.edit(s["image"], s["edit"]["instruction"])),
+                                    s["edit"]) for s in bar(samples[:100], "edit")]
+        out.update({"edit.success": float(np.mean([j["success"] for j in judged])),
+                    "edit.bg_psnr": float(np.mean([min(j["bg_psnr"], 100.0) for j in judged])),
+                    "edit.n": len(judged)})
+    if "gen" in tasks:
+        accs = [oracle.attribute_accuracy(np.asarray(model.generate(s["caption"], seed=i)),
+                                          s["scene"]) for i, s in enumerate(bar(samples[:50], "gen"))]
+        out.update({"gen.attr_acc": float(np.mean(accs)), "gen.n": len(accs)})
+    return out

@@ -23,6 +23,7 @@ from torch import nn
 
 from focus_ref.config import FocusConfig
 from focus_ref.diffusion import DiffusionDecoder
+from focus_ref.editing import SemanticHead
 from focus_ref.encoder import DualEncoder
 from focus_ref.llm import FocusLLM
 from focus_ref.segmentation import RegionPromptEncoder, SegmentationPredictor
@@ -39,6 +40,7 @@ class FocusModel(nn.Module):
         self.region_encoder = RegionPromptEncoder(config)  # click/box/scribble/mask -> tokens
         self.segmentation = SegmentationPredictor(config)  # <seg> state -> mask
         self.diffusion = DiffusionDecoder(config)  # mask-conditioned latent diffusion
+        self.semantic_head = SemanticHead(config)  # LLM <-> semantic codes (Janus)
 
     @property
     def device(self) -> torch.device:
@@ -83,3 +85,46 @@ class FocusModel(nn.Module):
                 "focus_ref, or fix config.json to the sizes it was trained with.")
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         return model.to(device).eval()
+
+    # ----- editing and generation (editing.py, paper §3.4) ----------------------------------
+    def edit(self, image, instruction: str, region: dict | None = None, seed: int = 0,
+             return_details: bool = False):
+        """Edit the region an instruction (and optionally a region prompt) names.
+
+        image: uint8 H x W x 3 array or PIL image; region: {"click": (x, y)} | {"box": ...} |
+        {"scribble": [...]} | {"mask": bool H x W}. Returns a PIL image (the input unchanged,
+        with a warning and `image.info["focus_reason"]`, when the model refuses: "no such
+        object", "not an edit instruction"); `return_details=True` returns an EditResult
+        (image, predicted mask, reason, generated codes).
+        """
+        import warnings
+
+        from PIL import Image
+
+        from focus_ref.editing import check_instruction, check_region, run_edits, to_input
+
+        x = to_input(image, self.config.data.image_size).to(self.device)  # (1, 3, H, W)
+        check_instruction(self.llm, instruction, self.config.edit.max_instruction_tokens)
+        region = check_region(region)
+        g = torch.Generator(self.device).manual_seed(seed)
+        res = run_edits(self.eval(), x, [instruction.strip()], [region], generator=g)[0]
+        if return_details:
+            return res
+        out = Image.fromarray(res.image)
+        out.info["focus_reason"] = res.reason
+        if res.reason != "edited":
+            warnings.warn(f"no edit made: the model answered {res.reason!r} to "
+                          f"{instruction!r}; the image is returned unchanged", stacklevel=2)
+        return out
+
+    def generate(self, prompt: str, seed: int = 0):
+        """An image (PIL) from a caption: semantic codes with CFG on the logits -> decoder."""
+        from PIL import Image
+
+        from focus_ref.data import tensor_to_image
+        from focus_ref.editing import check_instruction, run_generate
+
+        check_instruction(self.llm, prompt, self.config.edit.max_instruction_tokens, "prompt")
+        g = torch.Generator(self.device).manual_seed(seed)
+        return Image.fromarray(tensor_to_image(run_generate(self.eval(), [prompt.strip()],
+                                                            generator=g)[0]))

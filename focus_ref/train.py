@@ -142,3 +142,325 @@ def _load(model: nn.Module, opt: torch.optim.Optimizer, params: list,
         p = params[int(i)]
         opt.state[p][name] = v.reshape(()) if name == "step" else v.to(p.device)
     return meta["step"], meta["history"]
+
+
+# ===== Stage 0: stand-ins for pretrained backbones ==========================================
+# Tiny scale has no pretrained weights, so stage 0 makes them: (a) the LLM learns ShapesWorld
+# text by next-token prediction; (b) both encoders learn CLIP-style to pick an image's caption,
+# against the frozen LLM's caption features (a locked text tower, as LiT). At paper scale
+# stage 0 is "load the released weights" (Qwen2.5, Qwen2.5-VL's ViT, ConvNeXt-L).
+def _train_only(model: nn.Module, modules: list) -> list:
+    """Freeze everything, then unfreeze `modules`; returns their parameters."""
+    model.requires_grad_(False)
+    for m in modules:
+        m.requires_grad_(True)
+    return [p for m in modules for p in m.parameters()]
+
+
+def _picker(cfg, n: int, step: int, size: int) -> torch.Tensor:
+    """The batch indices of `step`: a function of (seed, step) only, so resuming repeats them."""
+    import numpy as np
+
+    rng = np.random.default_rng([cfg.train.seed, step])
+    return torch.from_numpy(rng.choice(n, size=min(n, size), replace=False))  # (B,)
+
+
+def caption_pool(cfg, split: str, n: int):
+    """n ShapesWorld scenes as (images (n, 3, H, W) in [-1, 1], captions); cached per process."""
+    return _caption_pool(json.dumps(vars(cfg.data)), split, n)
+
+
+def _cached(fn):
+    import functools
+
+    return functools.lru_cache(maxsize=8)(fn)
+
+
+@_cached
+def _caption_pool(data_json: str, split: str, n: int):
+    from focus_ref import shapesworld
+    from focus_ref.config import DataConfig
+    from focus_ref.data import image_to_tensor
+
+    world = shapesworld.ShapesWorld(DataConfig(**json.loads(data_json)), split)
+    scenes = [world.scene(i) for i in range(n)]  # scene i of world.sample(i), without the extras
+    images = torch.stack([image_to_tensor(shapesworld.render(s)[0]) for s in scenes])
+    return images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
+
+
+@_cached
+def _text_pool(data_json: str, split: str, n: int) -> list:
+    from focus_ref.config import DataConfig
+    from focus_ref.shapesworld import ShapesWorld
+
+    return ShapesWorld(DataConfig(**json.loads(data_json)), split).corpus(n)
+
+
+def stage0_lm(model: nn.Module, cfg) -> Stage:
+    """(a) Text pretraining of the LLM on captions, questions, answers, expressions, edits."""
+    llm, sc, L = model.llm, cfg.train.stage0, cfg.train.lm_seq_len
+    texts = _text_pool(json.dumps(vars(cfg.data)), "train", cfg.train.text_scenes)
+    eos = llm.tokenizer.eos_token_id
+    ids = llm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = torch.tensor([i for t in ids for i in [eos] + t] + [eos])  # GPT-style packing
+
+    def batch_fn(step):
+        starts = _picker(cfg, len(stream) - L, step, sc.batch_size)  # (B,)
+        x = stream[starts[:, None] + torch.arange(L)]  # (B, L) windows of the text stream
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+
+    def loss_fn(batch):
+        out = llm(batch)
+        return cfg.train.w_text * out.loss, {"acc": out.accuracy}
+
+    return Stage("stage0_lm", _train_only(model, [llm]), loss_fn, batch_fn, sc, cfg.train.seed)
+
+
+def stage0_clip(model: nn.Module, cfg) -> Stage:
+    """(b) CLIP-style contrastive pretraining of the ViT and ConvNeXt against captions."""
+    enc, sc = model.encoder, cfg.train.stage0_clip
+    images, caps = caption_pool(cfg, "train", cfg.train.scene_pool)
+    model.llm.eval()
+    text = model.llm.text_features(caps).cpu()  # (n, D) the locked text tower, computed once
+
+    def batch_fn(step):
+        idx = _picker(cfg, len(caps), step + 10**6, sc.batch_size)  # (B,)
+        return {"image": images[idx], "text": text[idx]}
+
+    def loss_fn(batch):
+        return enc.contrastive_loss(batch["image"], batch["text"])
+
+    params = _train_only(model, [enc.vit, enc.convnext, enc.clip_head])
+    return Stage("stage0_clip", params, loss_fn, batch_fn, sc, cfg.train.seed)
+
+
+def stage0(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> dict:
+    """Stage 0: (a) then (b) at tiny / small scale; at paper scale, load released weights."""
+    if cfg.llm.pretrained or cfg.encoder.vit_pretrained or cfg.encoder.convnext_pretrained:
+        if cfg.llm.pretrained:
+            model.llm.load_pretrained()
+        model.encoder.load_pretrained()
+        return {"lm": [], "clip": []}
+    hist_lm = fit(model, stage0_lm(model, cfg), out_dir, resume, progress)
+    hist_clip = fit(model, stage0_clip(model, cfg), out_dir, resume, progress)  # reads (a)'s LLM
+    return {"lm": hist_lm, "clip": hist_clip}
+
+
+@torch.no_grad()
+def clip_retrieval(model: nn.Module, cfg, n: int = 256, split: str = "val") -> dict:
+    """Held-out image -> caption retrieval top-1 among n captions, per branch and both."""
+    enc, llm = model.encoder, model.llm
+    enc.eval()
+    llm.eval()
+    images, caps = caption_pool(cfg, split, n)
+    dev = next(enc.parameters()).device
+    t = enc.clip_head.embed_text(llm.text_features(caps))  # (n, d)
+    v, c = [], []
+    for i in range(0, n, 64):
+        out = enc(images[i:i + 64].to(dev), return_pooled=True)
+        vi, ci = enc.clip_head.embed_images(out, out.pooled)  # (b, d), (b, d)
+        v.append(vi)
+        c.append(ci)
+    v, c = torch.cat(v), torch.cat(c)  # (n, d)
+    same = torch.tensor([[a == b for b in caps] for a in caps], device=dev)  # (n, n) equal text
+    res = {"chance": same.float().mean().item(), "n": n}  # a random caption is a right one
+    for name, sim in (("vit", v @ t.T), ("cnn", c @ t.T), ("both", (v + c) @ t.T)):
+        res[f"top1_{name}"] = same[torch.arange(n), sim.argmax(1)].float().mean().item()
+    return res
+
+
+# ===== Stage 1: visual tokenizer, then diffusion decoder ===================================
+# Paper §3.5 stage 1: (a) the MoVQ tokenizer learns to turn ShapesWorld images into pixel
+# codes and back, and the vanilla encoder's features into semantic codes; (b) with the
+# tokenizer frozen, the diffusion decoder learns to render an image from its codes and to
+# edit a region given the target's codes and the ground-truth mask (ShapesWorld edit pairs).
+# Losses live in tokenizer.py / diffusion.py; batches are a function of the step (resumable).
+def _stage1_images(cfg, step: int, batch_size: int) -> torch.Tensor:
+    from focus_ref.data import image_to_tensor
+    from focus_ref.shapesworld import ShapesWorld, render
+
+    world = ShapesWorld(cfg.data, "train")  # scene i renders the image of world.sample(i)
+    idx = range(step * batch_size, (step + 1) * batch_size)  # fresh scenes every step
+    return torch.stack([image_to_tensor(render(world.scene(i))[0]) for i in idx])  # (B,3,H,W)
+
+
+def _semantic_feats(model: nn.Module, images: torch.Tensor):
+    """Frozen vanilla-encoder features (B, N, C_vit) for the semantic codes, if an encoder."""
+    enc = getattr(model, "encoder", None)
+    if enc is None:
+        return None
+    with torch.no_grad():
+        return enc.vanilla(images)  # (B, N, C_vit): the ViT on the low-res copy
+
+
+def stage1_tokenizer(model: nn.Module, cfg) -> Stage:
+    """(a) MoVQ pixel codes (reconstruction + VQ) and semantic codes (feature reconstruction)."""
+    tok, sc = model.visual_tokenizer, cfg.train.stage1
+    feature_net = model.encoder.hierarchical if cfg.tokenizer.perceptual_weight > 0 else None
+
+    def batch_fn(step):
+        return {"image": _stage1_images(cfg, step, sc.batch_size)}
+
+    def loss_fn(batch):
+        feats = _semantic_feats(model, batch["image"])
+        return tok.loss(batch["image"], feats, feature_net=feature_net)
+
+    return Stage("stage1_tokenizer", _train_only(model, [tok]), loss_fn, batch_fn, sc,
+                 cfg.train.seed)
+
+
+def _edit_batch(cfg, step: int, batch_size: int) -> dict:
+    """Half renders (no source, mask everywhere), half ShapesWorld edits (source, target, GT
+    region); which is which is a function of (seed, step)."""
+    import numpy as np
+
+    from focus_ref.data import image_to_tensor
+    from focus_ref.shapesworld import ShapesWorld
+
+    world = ShapesWorld(cfg.data, "train")
+    rng = np.random.default_rng([cfg.train.seed, step, 1])
+    src, tgt, masks, has_src = [], [], [], []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        s = world.sample(i)
+        render_only = rng.random() < cfg.diffusion.render_share
+        tgt.append(image_to_tensor(s["image"] if render_only else s["edit"]["target_image"]))
+        src.append(image_to_tensor(s["image"]))
+        masks.append(torch.ones(s["inst"].shape) if render_only
+                     else torch.from_numpy(s["edit"]["region"]).float())
+        has_src.append(0.0 if render_only else 1.0)
+    return {"source": torch.stack(src), "target": torch.stack(tgt), "mask": torch.stack(masks),
+            "has_source": torch.tensor(has_src)}  # (B,3,H,W) x2, (B,H,W), (B,)
+
+
+@torch.no_grad()
+def decoder_inputs(model: nn.Module, batch: dict) -> dict:
+    """GT target codes (pixel + semantic) and latents from the frozen tokenizer."""
+    tok = model.visual_tokenizer
+    tok.eval()
+    codes = tok.encode(batch["target"])  # (B, h, w)
+    feats = _semantic_feats(model, batch["target"])
+    sem = tok.encode_semantic(feats) if feats is not None else None  # (B, N)
+    source = tok.quantized_latent(batch["source"]) * batch["has_source"][:, None, None, None]
+    return {"codes": codes, "sem": sem, "target": tok.codes_to_latent(codes),
+            "source": source}  # latents (B, C, h, w); no source -> zeros
+
+
+def stage1_decoder(model: nn.Module, cfg) -> Stage:
+    """(b) Diffusion decoder: render from tokens, edit a region given GT tokens and mask."""
+    dec, sc = model.diffusion, cfg.train.stage1_decoder
+    with torch.no_grad():  # unit-variance latents for the diffusion (like SD's 0.18215)
+        lat = model.visual_tokenizer.eval().quantized_latent(_stage1_images(cfg, 10**6, 64))
+        dec.latent_scale.fill_(1.0 / lat.std().item())
+
+    def batch_fn(step):
+        return _edit_batch(cfg, step, sc.batch_size)
+
+    def loss_fn(batch):
+        x = decoder_inputs(model, batch)
+        return dec.loss(x["target"], x["source"], batch["mask"], dec.make_context(x["codes"],
+                                                                                  x["sem"]))
+
+    return Stage("stage1_decoder", _train_only(model, [dec]), loss_fn, batch_fn, sc,
+                 cfg.train.seed)
+
+
+def stage1(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> dict:
+    """Stage 1: (a) the tokenizer, then (b) the diffusion decoder on the frozen tokenizer."""
+    hist_tok = fit(model, stage1_tokenizer(model, cfg), out_dir, resume, progress)
+    hist_dec = fit(model, stage1_decoder(model, cfg), out_dir, resume, progress)
+    return {"tokenizer": hist_tok, "decoder": hist_dec}
+
+
+# ===== Stage 2: adapter warm-up =============================================================
+# Paper §3.5 stage 2: the encoders and the LLM stay frozen; only the vision-language glue
+# (the gated window fusion and the MLP adapter) learns, on captioning: the LLM must write an
+# image's caption from the visual tokens spliced in at <image>.
+def stage2_adapter(model: nn.Module, cfg) -> Stage:
+    enc, llm, sc = model.encoder, model.llm, cfg.train.stage2
+    images, caps = caption_pool(cfg, "train", cfg.train.scene_pool)
+
+    def batch_fn(step):
+        idx = _picker(cfg, len(caps), step + 2 * 10**6, sc.batch_size)  # (B,)
+        batch = llm.encode([IMAGE_PROMPT] * len(idx), [caps[i] for i in idx])
+        return {**batch, "image": images[idx]}
+
+    def loss_fn(batch):
+        out = llm(batch, image_tokens=enc(batch["image"]).tokens)  # (B, N, D) at <image>
+        gate = torch.tanh(enc.fusion.gate).item()  # how far the fusion gate has opened
+        return cfg.train.w_text * out.loss, {"acc": out.accuracy, "gate": gate}
+
+    params = _train_only(model, [enc.fusion, enc.adapter])
+    return Stage("stage2_adapter", params, loss_fn, batch_fn, sc, cfg.train.seed)
+
+
+IMAGE_PROMPT = "<image>"  # the captioning prompt: the image alone, then the caption
+
+
+def stage2(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:
+    return fit(model, stage2_adapter(model, cfg), out_dir, resume, progress)
+
+
+@torch.no_grad()
+def caption_accuracy(model: nn.Module, cfg, n: int = 256, split: str = "val",
+                     with_image: bool = True, n_generate: int = 0) -> dict:
+    """Held-out caption token accuracy (teacher forced) with or without the image; exact
+    match of greedy captions on the first n_generate scenes. Without the image this is the
+    text-only baseline: the same LLM guessing the caption from language alone."""
+    enc, llm = model.encoder, model.llm
+    enc.eval()
+    llm.eval()
+    images, caps = caption_pool(cfg, split, n)
+    dev = next(llm.parameters()).device
+    prompt = IMAGE_PROMPT if with_image else ""
+    hits = total = 0
+    for i in range(0, n, 64):
+        batch = {k: v.to(dev) for k, v in llm.encode([prompt] * len(caps[i:i + 64]),
+                                                      caps[i:i + 64]).items()}
+        tokens = enc(images[i:i + 64].to(dev)).tokens if with_image else None
+        logits = llm(batch, image_tokens=tokens).logits  # (b, T, V)
+        keep = batch["labels"][:, 1:] != -100  # (b, T-1) positions that predict caption tokens
+        hits += (logits[:, :-1].argmax(-1) == batch["labels"][:, 1:])[keep].sum().item()
+        total += keep.sum().item()
+    res = {"token_acc": hits / total, "n": n}
+    if n_generate:
+        batch = {k: v.to(dev) for k, v in llm.encode([prompt] * n_generate,
+                                                      padding_side="left").items()}
+        tokens = enc(images[:n_generate].to(dev)).tokens if with_image else None
+        res["captions"] = llm.generate(batch, image_tokens=tokens, max_new_tokens=64)["texts"]
+        res["exact_match"] = sum(a == b for a, b in zip(res["captions"], caps)) / n_generate
+    return res
+
+
+# ===== Stage 4: instruction tuning for region-controlled editing ============================
+# Paper §3.5 stage 4: the LLM, the segmentation predictor and the diffusion decoder learn
+# together on edit instructions. The LLM writes <seg> (its state -> the edit region) and the
+# semantic codes of the edited image; the decoder renders them conditioned on the PREDICTED
+# mask, so it learns to work with the masks it will get at inference. A share of the batch is
+# text -> image generation, edits by region prompt ("make this blue" + a click), and
+# instructions to refuse ("no such object"). Encoders and tokenizer stay frozen. The loss
+# lives in editing.py; examples come from fresh ShapesWorld scenes, a function of the step.
+def stage4_edit(model: nn.Module, cfg) -> Stage:
+    import numpy as np
+
+    from focus_ref.editing import collate, edit_loss, make_example
+    from focus_ref.shapesworld import ShapesWorld
+
+    sc, world = cfg.train.stage4, ShapesWorld(cfg.data, "train")
+
+    def batch_fn(step):
+        rng = np.random.default_rng([cfg.train.seed, step, 4])
+        idx = range(step * sc.batch_size, (step + 1) * sc.batch_size)  # fresh scenes
+        return collate([make_example(world.sample(i), rng, cfg) for i in idx], model)
+
+    def loss_fn(batch):
+        model.encoder.eval()  # frozen parts stay in inference mode
+        model.visual_tokenizer.eval()
+        return edit_loss(model, batch, cfg)
+
+    params = _train_only(model, [model.llm, model.semantic_head, model.segmentation,
+                                 model.region_encoder, model.diffusion])
+    return Stage("stage4_edit", params, loss_fn, batch_fn, sc, cfg.train.seed)
+
+
+def stage4(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:
+    return fit(model, stage4_edit(model, cfg), out_dir, resume, progress)

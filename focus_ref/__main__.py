@@ -1,0 +1,211 @@
+"""Command line: `python -m focus_ref {train,eval,segment,understand,edit,generate,bench}`.
+
+Every command has --help. The shipped tiny checkpoint (data_samples/checkpoint) is the
+default --checkpoint, so a new user's first command shows a real result. Bad input (a missing
+image, a click outside it, an empty expression ...) ends with one line naming the problem and
+the fix, and exit status 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
+
+
+class InputError(ValueError):
+    """Bad input from the command line: printed as one line, exit status 2."""
+
+
+def _ints(text: str, n: int | None, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(round(float(v))) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"{what} must be integers separated by commas, got {text!r}") from None
+    if n is not None and len(vals) != n:
+        raise InputError(f"{what} needs {n} numbers (got {len(vals)} in {text!r})")
+    return vals
+
+
+def load_image(path: str):
+    """Any readable image -> RGB uint8 array (other modes converted; size checked by the model)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image {path} not found: pass the path of a PNG or JPEG file")
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"image {path} could not be read ({e}); pass a PNG or JPEG file") from None
+
+
+def region_from_args(args) -> dict:
+    """--click / --box / --scribble / --mask -> {kind: value} for FocusModel methods."""
+    if getattr(args, "click", None):
+        return {"click": _ints(args.click, 2, "--click X,Y")}
+    if getattr(args, "box", None):
+        return {"box": _ints(args.box, 4, "--box X0,Y0,X1,Y1")}
+    if getattr(args, "scribble", None):
+        pts = [_ints(p, 2, "each --scribble point X,Y") for p in args.scribble.split(";") if p]
+        return {"scribble": pts}
+    if getattr(args, "mask", None):
+        return {"mask": load_image(args.mask).max(-1) > 127}
+    return {}
+
+
+def add_region_options(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--click", metavar="X,Y", help="a pixel inside the object (x = column)")
+    g.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object (inclusive)")
+    g.add_argument("--scribble", metavar="X,Y;X,Y;...", help="a polyline over the object")
+    g.add_argument("--mask", metavar="PNG", help="a mask image (white = the object)")
+
+
+def load_model(args):
+    from focus_ref.model import FocusModel
+
+    return FocusModel.from_pretrained(args.checkpoint)
+
+
+# ----- commands ---------------------------------------------------------------------------
+def cmd_train(args) -> None:
+    from focus_ref.run import main_job
+
+    main_job(preset=args.preset, stages=args.stages, out=args.out, resume=args.resume,
+             seed=args.seed, quick=args.quick, init=args.init)
+
+
+def cmd_eval(args) -> None:
+    from focus_ref.evaluate import evaluate_model
+
+    metrics = evaluate_model(load_model(args), split=args.split, n=args.n)
+    print(json.dumps(metrics, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def cmd_segment(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    image, region = load_image(args.image), region_from_args(args)
+    if args.expression is not None:
+        region = {"expression": args.expression}
+    masks = load_model(args).segment(image, **region)
+    masks = np.asarray(masks)
+    union = masks.any(0) if masks.ndim == 3 else masks
+    Image.fromarray((union * 255).astype(np.uint8)).save(args.out)
+    n = masks.shape[0] if masks.ndim == 3 else int(masks.any())
+    print(f"{args.out}: {n} object(s), {int(union.sum())} pixels")
+
+
+def cmd_understand(args) -> None:
+    print(load_model(args).understand(load_image(args.image), args.question,
+                                      **region_from_args(args)))
+
+
+def cmd_edit(args) -> None:
+    region = region_from_args(args)
+    out = load_model(args).edit(load_image(args.image), args.instruction,
+                                region=region or None)
+    out.save(args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_generate(args) -> None:
+    load_model(args).generate(args.prompt, seed=args.seed).save(args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args) -> None:
+    from focus_ref.bench import run_bench
+
+    res = run_bench(args.checkpoint)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m focus_ref", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train stages 0-4 end to end, evaluate, write a run folder")
+    t.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    t.add_argument("--stages", default="0-4", help="e.g. 0-4, 3-4 or 2 (default 0-4)")
+    t.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's "
+                   "checkpoints (same result as an uninterrupted run)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", metavar="CHECKPOINT", help="start from a trained checkpoint, e.g. "
+                   "to run only --stages 3-4 on top of earlier stages")
+    t.add_argument("--quick", action="store_true", help="3 steps per stage (a smoke test)")
+    t.set_defaults(fn=cmd_train)
+
+    def with_ckpt(sp):
+        sp.add_argument("--checkpoint", default=str(SHIPPED),
+                        help="checkpoint folder (default: the shipped tiny checkpoint)")
+        return sp
+
+    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys)"))
+    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
+    e.add_argument("--json", help="also write the metrics to this file")
+    e.set_defaults(fn=cmd_eval)
+
+    s = with_ckpt(sub.add_parser("segment", help="mask of what an expression or prompt names"))
+    s.add_argument("--image", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--expression", help='words, e.g. "the red circle" or "all squares"')
+    for flag, meta, h in (("--click", "X,Y", "a pixel inside the object"),
+                          ("--box", "X0,Y0,X1,Y1", "a box around the object"),
+                          ("--scribble", "X,Y;X,Y;...", "a polyline over the object"),
+                          ("--mask", "PNG", "a mask image")):
+        g.add_argument(flag, metavar=meta, help=h)
+    s.add_argument("--out", required=True, help="mask PNG to write (white = object)")
+    s.set_defaults(fn=cmd_segment)
+
+    u = with_ckpt(sub.add_parser("understand", help="answer a question about an image"))
+    u.add_argument("--image", required=True)
+    u.add_argument("--question", required=True)
+    add_region_options(u, required=False)
+    u.set_defaults(fn=cmd_understand)
+
+    ed = with_ckpt(sub.add_parser("edit", help="edit the region an instruction names"))
+    ed.add_argument("--image", required=True)
+    ed.add_argument("--instruction", required=True, help='e.g. "make the red circle blue"')
+    add_region_options(ed, required=False)
+    ed.add_argument("--out", required=True)
+    ed.set_defaults(fn=cmd_edit)
+
+    gn = with_ckpt(sub.add_parser("generate", help="an image from a caption"))
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--seed", type=int, default=0)
+    gn.add_argument("--out", required=True)
+    gn.set_defaults(fn=cmd_generate)
+
+    b = with_ckpt(sub.add_parser("bench", help="speed and memory figures of this machine"))
+    b.add_argument("--json", help="also write the figures to this file")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (InputError, ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

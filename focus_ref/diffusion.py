@@ -1,0 +1,304 @@
+"""Diffusion decoder: renders visual tokens, edits the region a mask names (FOCUS §3.4).
+
+FOCUS's LLM writes discrete visual tokens; a diffusion decoder (initialised from SDXL)
+turns them into pixels. For region-controlled editing the segmentation mask the model
+predicted is given to the decoder as an explicit *spatial prompt*, so the edit lands where
+the user pointed and the rest of the picture is kept. The paper's ablation compares this
+with feeding the mask as learned token embeddings; explicit masks localise better.
+
+This file builds it on diffusers, in the MoVQ latent space of tokenizer.py (the way
+Kandinsky 2.2 pairs a UNet with MoVQ):
+
+    input channels   noisy latent (C) ⊕ source-image latent (C) ⊕ region mask (1)
+                     = 2C + 1 (tiny: 33), all on the h x w latent grid (tiny 16 x 16)
+    cross-attention  context (B, L, D): embeddings of the target's pixel codes (h*w) and
+                     semantic codes (N), each with 2-D / 1-D positions, and / or projected
+                     LLM hidden states; D = cfg.diffusion.cross_attention_dim
+    UNet             `UNet2DConditionModel`, predicting v (or noise) under a DDPM schedule
+    sampler          a few-step DPM-Solver++ (or DDIM) with classifier-free guidance on the
+                     token context and a torch.Generator for determinism
+
+`mask_condition = "tokens"` (the ablation) zeroes the mask channel and appends the mask as
+h*w token embeddings to the context instead. In training the token context is swapped for
+a learned null context with probability `cond_dropout` (classifier-free guidance); source
+and mask are always given. Latents are scaled to unit variance by `latent_scale` (set in
+stage 1 from the tokenizer's latents, like SD's 0.18215).
+
+The task of stage 1 (train.py): (a) render an image from its tokens: source = zeros,
+mask = everywhere; (b) edit: source = the original image, mask = the edit region, tokens =
+those of the target image. `edit_image` runs the whole thing on pixels and can composite the
+untouched background back (outside the mask every pixel is the source's).
+
+Bad input: masks of the wrong size or empty, latents that do not match the grid, an unknown
+`mask_condition` -> one ValueError each, naming the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DConditionModel)
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+
+from focus_ref.config import FocusConfig
+
+_UP = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+
+
+def build_unet(cfg: FocusConfig) -> UNet2DConditionModel:
+    """The denoiser: a diffusers UNet with 2C + 1 input channels (paper: SDXL's sizes)."""
+    d, t = cfg.diffusion, cfg.tokenizer
+    factor = 2 ** (len(t.block_out_channels) - 1)
+    down = tuple(d.down_block_types) or ("CrossAttnDownBlock2D",) * len(d.block_out_channels)
+    if len(down) != len(d.block_out_channels) or any(b not in _UP for b in down):
+        raise ValueError(f"diffusion.down_block_types {down} must name one of {sorted(_UP)} per "
+                         f"entry of block_out_channels {d.block_out_channels}")
+    layers = d.transformer_layers_per_block or (1,) * len(down)
+    return UNet2DConditionModel(
+        sample_size=cfg.data.image_size // factor, in_channels=2 * t.vq_embed_dim + 1,
+        out_channels=t.vq_embed_dim, down_block_types=down,
+        up_block_types=tuple(_UP[b] for b in reversed(down)),
+        block_out_channels=tuple(d.block_out_channels), layers_per_block=d.layers_per_block,
+        transformer_layers_per_block=tuple(layers), cross_attention_dim=d.cross_attention_dim,
+        # diffusers' `attention_head_dim` is really the number of heads (diffusers#2011):
+        attention_head_dim=tuple(c // d.attention_head_dim for c in d.block_out_channels),
+        use_linear_projection=d.use_linear_projection, norm_num_groups=d.norm_num_groups)
+
+
+class DiffusionDecoder(nn.Module):
+    def __init__(self, cfg: FocusConfig):
+        super().__init__()
+        d, t = cfg.diffusion, cfg.tokenizer
+        self.dcfg = d
+        if d.mask_condition not in ("explicit", "tokens"):
+            raise ValueError(f"diffusion.mask_condition={d.mask_condition!r} is unknown: use "
+                             "'explicit' (mask channel, the paper) or 'tokens' (the ablation)")
+        self.unet = build_unet(cfg)
+        self.factor = 2 ** (len(t.block_out_channels) - 1)  # pixels per latent cell
+        self.grid = cfg.data.image_size // self.factor  # h = w
+        self.latent_channels = t.vq_embed_dim  # C
+        D = d.cross_attention_dim
+        # context: embeddings of visual tokens at both levels, with their positions
+        self.pixel_embed = nn.Embedding(t.num_vq_embeddings, D)
+        self.sem_embed = nn.Embedding(t.sem_codebook_size, D)
+        self.row_embed = nn.Parameter(torch.randn(self.grid, D) * 0.02)  # 2-D positions of
+        self.col_embed = nn.Parameter(torch.randn(self.grid, D) * 0.02)  # the h x w grid
+        self.sem_pos = nn.Parameter(torch.randn(d.max_sem_tokens, D) * 0.02)
+        self.level_embed = nn.Parameter(torch.zeros(3, D))  # pixel / semantic / LLM
+        self.llm_proj = nn.Linear(cfg.llm.hidden_size, D)  # later stages: LLM states
+        self.mask_embed = nn.Linear(1, D)  # the ablation: the mask as tokens
+        self.context_norm = nn.LayerNorm(D)
+        self.null_context = nn.Parameter(torch.zeros(1, 1, D))  # CFG: "no condition"
+        self.register_buffer("latent_scale", torch.ones(()))  # 1 / std of tokenizer latents
+        self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
+                                       beta_schedule=d.beta_schedule,
+                                       prediction_type=d.prediction_type)
+
+    # ----- conditions ----------------------------------------------------------------------
+    def grid_pos(self) -> torch.Tensor:
+        """2-D position of every latent cell, row-major: (h*w, D)."""
+        return (self.row_embed[:, None] + self.col_embed[None]).flatten(0, 1)  # (h*w, D)
+
+    def mask_to_grid(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Region mask (B, H, W) / (B, 1, H, W) at image or latent size -> (B, 1, h, w) 0/1.
+
+        The paper's spatial prompt: a latent cell is editable if any of its pixels is.
+        """
+        m = torch.as_tensor(mask)
+        m = m[:, None] if m.dim() == 3 else m  # (B, 1, H, W)
+        H = self.grid * self.factor
+        if m.dim() != 4 or m.shape[0] != batch or m.shape[1] != 1 or m.shape[-1] != m.shape[-2] \
+                or m.shape[-1] not in (H, self.grid):
+            raise ValueError(f"mask must be (B, H, W) with B = {batch} and a side of {H} (image) "
+                             f"or {self.grid} (latent grid), got {tuple(m.shape)}; resize the "
+                             "mask to the image (nearest) before editing")
+        m = m.float()
+        if m.shape[-1] == H:
+            m = F.max_pool2d(m, self.factor)  # (B, 1, h, w): any covered pixel -> editable
+        if m.device.type != "meta" and (m.flatten(1).amax(1) <= 0).any():
+            raise ValueError("empty mask: an edit needs a region to change; pass the object's "
+                             "mask (or an all-ones mask to render the whole image)")
+        return (m > 0).float()  # (B, 1, h, w)
+
+    def make_context(self, pixel_codes: torch.Tensor | None = None,
+                     sem_codes: torch.Tensor | None = None,
+                     llm_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual tokens (and / or LLM states) -> cross-attention context (B, L, D)."""
+        parts = []
+        if pixel_codes is not None:  # (B, h, w) or (B, h*w), row-major
+            c = pixel_codes.reshape(len(pixel_codes), -1)  # (B, h*w)
+            if c.shape[1] != self.grid ** 2:
+                raise ValueError(f"pixel codes must cover the {self.grid}x{self.grid} grid, got "
+                                 f"{tuple(pixel_codes.shape)}")
+            _check_ids(c, self.pixel_embed.num_embeddings, "pixel code")
+            parts.append(self.pixel_embed(c) + self.grid_pos() + self.level_embed[0])  # (B,h*w,D)
+        if sem_codes is not None:  # (B, N)
+            if sem_codes.shape[1] > len(self.sem_pos):
+                raise ValueError(f"{sem_codes.shape[1]} semantic codes exceed "
+                                 f"diffusion.max_sem_tokens = {len(self.sem_pos)}")
+            _check_ids(sem_codes, self.sem_embed.num_embeddings, "semantic code")
+            parts.append(self.sem_embed(sem_codes) + self.sem_pos[:sem_codes.shape[1]]
+                         + self.level_embed[1])  # (B, N, D)
+        if llm_states is not None:  # (B, L, D_llm)
+            parts.append(self.llm_proj(llm_states) + self.level_embed[2])  # (B, L, D)
+        if not parts:
+            raise ValueError("make_context needs pixel_codes, sem_codes or llm_states")
+        return self.context_norm(torch.cat(parts, 1))  # (B, L, D)
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
+                mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One denoiser call on scaled latents; mask (B, 1, h, w) from mask_to_grid."""
+        if noisy.shape != source.shape or noisy.shape[1:] != (self.latent_channels,) + (
+                self.grid,) * 2:
+            raise ValueError(f"latents must be (B, {self.latent_channels}, {self.grid}, "
+                             f"{self.grid}) (tokenizer.quantized_latent), got "
+                             f"{tuple(noisy.shape)} and {tuple(source.shape)}")
+        if self.dcfg.mask_condition == "tokens":  # ablation: the mask through cross-attention
+            m = mask.flatten(2).transpose(1, 2)  # (B, h*w, 1)
+            context = torch.cat([context, self.mask_embed(m) + self.grid_pos()], 1)  # (B, L + h*w, D)
+            mask = torch.zeros_like(mask)  # (B, 1, h, w): the channel carries nothing
+        x = torch.cat([noisy, source, mask], 1)  # (B, 2C + 1, h, w) explicit spatial prompt
+        return self.unet(x, t, encoder_hidden_states=context).sample  # (B, C, h, w)
+
+    # ----- training -------------------------------------------------------------------------
+    def loss(self, target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
+             context: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Denoising loss; target / source are tokenizer latents (B, C, h, w), mask at any
+        size mask_to_grid accepts, context (B, L, D) from make_context."""
+        B = len(target)
+        m = self.mask_to_grid(mask, B)  # (B, 1, h, w)
+        x0, src = target * self.latent_scale, source * self.latent_scale  # unit variance
+        noise = torch.randn_like(x0)  # (B, C, h, w)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (B,), device=x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)  # (B, C, h, w) forward process q(x_t|x_0)
+        drop = torch.rand(B, 1, 1, device=x0.device) < self.dcfg.cond_dropout  # CFG dropout
+        context = torch.where(drop, self.null_context.to(context.dtype), context)  # (B, L, D)
+        pred = self(noisy, t, src, m, context)  # (B, C, h, w)
+        goal = (self.scheduler.get_velocity(x0, noise, t)
+                if self.dcfg.prediction_type == "v_prediction" else noise)  # (B, C, h, w)
+        err = (pred - goal) ** 2  # (B, C, h, w)
+        inside = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1)
+        loss = err.mean() + self.dcfg.mask_loss_weight * inside  # stress the edited cells
+        return loss, {"mse": err.mean().item(), "mse_in": inside.item()}
+
+    # ----- sampling -------------------------------------------------------------------------
+    def make_sampler(self, kind: str | None = None):
+        kind = kind or self.dcfg.sampler
+        if kind == "dpm":  # DPM-Solver++ (2nd order): good images in ~10 steps
+            return DPMSolverMultistepScheduler.from_config(self.scheduler.config)
+        if kind == "ddim":
+            return DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
+        raise ValueError(f"unknown sampler {kind!r}: use 'dpm' or 'ddim'")
+
+    @torch.no_grad()
+    def sample(self, source: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
+               generator: torch.Generator | None = None, steps: int | None = None,
+               guidance_scale: float | None = None, sampler: str | None = None,
+               trajectory: list | None = None) -> torch.Tensor:
+        """Generate a latent (B, C, h, w) (tokenizer scale) for source latent + mask + context.
+
+        Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); g = 1 turns it off.
+        Pass a list as `trajectory` to collect x_t after every step (tokenizer scale).
+        """
+        B = len(source)
+        g = self.dcfg.guidance_scale if guidance_scale is None else guidance_scale
+        m = self.mask_to_grid(mask, B)  # (B, 1, h, w)
+        src = source * self.latent_scale  # (B, C, h, w)
+        sched = self.make_sampler(sampler)
+        sched.set_timesteps(steps or self.dcfg.num_inference_steps, device=source.device)
+        x = randn_tensor(source.shape, generator=generator, device=source.device,
+                         dtype=source.dtype)  # (B, C, h, w) x_T ~ N(0, I)
+        null = self.null_context.expand_as(context)  # (B, L, D)
+        for t in sched.timesteps:
+            tt = t.expand(B).to(source.device)  # (B,)
+            if g == 1.0:
+                pred = self(x, tt, src, m, context)  # (B, C, h, w)
+            else:  # one batched call for the conditional and the unconditional branch
+                both = self(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([src, src]),
+                            torch.cat([m, m]), torch.cat([context, null]))  # (2B, C, h, w)
+                cond, uncond = both.chunk(2)
+                pred = uncond + g * (cond - uncond)  # classifier-free guidance
+            x = sched.step(pred, t, x).prev_sample  # (B, C, h, w)
+            if trajectory is not None:
+                trajectory.append(x / self.latent_scale)
+        return x / self.latent_scale  # (B, C, h, w) back in tokenizer units
+
+
+def _check_ids(ids: torch.Tensor, size: int, what: str) -> None:
+    if ids.is_floating_point():
+        raise ValueError(f"{what}s must be integer ids, got {ids.dtype}")
+    if ids.numel() and ids.device.type != "meta" and (ids.min() < 0 or ids.max() >= size):
+        raise ValueError(f"{what} ids must lie in [0, {size}), got [{int(ids.min())}, "
+                         f"{int(ids.max())}]: shift LLM vocabulary ids back to codebook ids")
+
+
+def composite(edited: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Keep the untouched background: source pixels outside the mask, edited ones inside."""
+    m = torch.as_tensor(mask).to(edited.device).float()
+    m = m[:, None] if m.dim() == 3 else m  # (B, 1, H, W)
+    return m * edited + (1 - m) * source  # (B, 3, H, W)
+
+
+@torch.no_grad()
+def edit_image(decoder: DiffusionDecoder, tokenizer, source: torch.Tensor | None,
+               mask: torch.Tensor | None, pixel_codes: torch.Tensor | None = None,
+               sem_codes: torch.Tensor | None = None, llm_states: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, steps: int | None = None,
+               guidance_scale: float | None = None, composite_background: bool = True,
+               snap_to_codes: bool = True) -> torch.Tensor:
+    """Pixels in, pixels out: source (B, 3, H, W) in [-1, 1] (None = render from tokens),
+    mask (B, H, W) (None = everywhere) -> edited image (B, 3, H, W) in [-1, 1]."""
+    context = decoder.make_context(pixel_codes, sem_codes, llm_states)  # (B, L, D)
+    B, H = len(context), decoder.grid * decoder.factor
+    dev = context.device
+    if source is None:  # (a) render: nothing to keep
+        src_lat = torch.zeros(B, decoder.latent_channels, decoder.grid, decoder.grid, device=dev)
+    else:  # (b) edit
+        src_lat = tokenizer.quantized_latent(source)  # (B, C, h, w)
+    if mask is None:
+        mask = torch.ones(B, H, H, device=dev)  # (B, H, W)
+    lat = decoder.sample(src_lat, mask, context, generator, steps, guidance_scale)  # (B,C,h,w)
+    if snap_to_codes:  # back onto the codebook: the decoder's output is a token grid again
+        lat = tokenizer.codes_to_latent(tokenizer.latent_to_codes(lat))  # (B, C, h, w)
+    out = tokenizer.decode_latent(lat).clamp(-1, 1)  # (B, 3, H, W)
+    if composite_background and source is not None:
+        out = composite(out, source, mask)  # (B, 3, H, W) outside the mask = source
+    return out
+
+
+@torch.no_grad()
+def edit_metrics(decoder: DiffusionDecoder, tokenizer, samples: list, encoder=None,
+                 seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+                 composite_background: bool = True, batch_size: int = 32) -> dict:
+    """Held-out edits with ground-truth target tokens and mask, judged by the oracle.
+
+    samples: ShapesWorld samples (world.sample(i)); returns the oracle success rate, the
+    share of region pixels with the right colour (inside_acc) and the background PSNR
+    outside the region (dB, capped at 100 for identical pixels, as evaluate.psnr).
+    """
+    from focus_ref.data import image_to_tensor, tensor_to_image
+    from focus_ref.evaluate import psnr
+    from focus_ref.oracle import judge_edit
+
+    dev = next(decoder.parameters()).device
+    g = torch.Generator(dev).manual_seed(seed)
+    wins, inside, bg = [], [], []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        src = torch.stack([image_to_tensor(s["image"]) for s in chunk]).to(dev)  # (b, 3, H, W)
+        tgt = torch.stack([image_to_tensor(s["edit"]["target_image"]) for s in chunk]).to(dev)
+        region = torch.stack([torch.from_numpy(s["edit"]["region"]) for s in chunk]).to(dev)
+        codes = tokenizer.encode(tgt)  # (b, h, w) the ground-truth target tokens
+        sem = tokenizer.encode_semantic(encoder.vanilla(tgt)) if encoder is not None else None
+        out = edit_image(decoder, tokenizer, src, region, codes, sem, generator=g, steps=steps,
+                         guidance_scale=guidance_scale,
+                         composite_background=composite_background)  # (b, 3, H, W)
+        bg.append(psnr(out, tgt, ~region))  # (b,)
+        for s, o in zip(chunk, out):
+            verdict = judge_edit(tensor_to_image(o), s["edit"])
+            wins.append(verdict["success"])
+            inside.append(verdict["inside_acc"])
+    return {"success": sum(wins) / len(wins), "inside_acc": sum(inside) / len(inside),
+            "bg_psnr": float(torch.cat(bg).nanmean()), "n": len(wins)}

@@ -1,0 +1,123 @@
+"""DualEncoder (focus_ref/encoder.py): shapes at tiny and paper scale, the zero gate, the
+windowed fusion, the contrastive loss, bad input and pretrained loading."""
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+
+from focus_ref.config import FocusConfig
+from focus_ref.encoder import DualEncoder, clip_loss, num_image_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = FocusConfig.tiny()
+    return cfg, DualEncoder(cfg).eval()
+
+
+def test_tiny_shapes(tiny):
+    cfg, enc = tiny
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    out = enc(x)
+    N = num_image_tokens(cfg)
+    assert N == (cfg.encoder.low_res // cfg.encoder.vit_patch) ** 2
+    assert out.tokens.shape == (2, N, cfg.llm.hidden_size)
+    assert out.global_feats.shape == (2, N, cfg.encoder.vit_dim)
+    assert [tuple(f.shape) for f in out.features] == [
+        (2, c, 64 // s, 64 // s) for c, s in zip(cfg.encoder.convnext_dims, (4, 8, 16, 32))]
+
+
+def test_gate_is_zero_at_init_so_fusion_starts_switched_off(tiny):
+    _, enc = tiny
+    assert enc.fusion.gate.item() == 0.0
+    out = enc(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert torch.equal(out.fused, out.global_feats)  # tanh(0) * attention = 0
+
+
+def test_each_token_attends_only_to_its_own_window(tiny):
+    _, enc = tiny
+    fusion = enc.fusion
+    torch.manual_seed(1)
+    N, G, M = enc.num_tokens, enc.grid, fusion.window
+    q = torch.randn(1, N, enc.vit_dim)
+    hr = torch.randn(1, fusion.norm_kv.normalized_shape[0], G * M, G * M)
+    with torch.no_grad():
+        fusion.gate.fill_(1.0)
+        base = fusion(q, hr)
+        hr2 = hr.clone()
+        hr2[..., :M, :M] += 3 * torch.randn(hr.shape[1], M, M)  # only token 0's window
+        changed = (fusion(q, hr2) - base).abs().amax(-1)[0]  # (N,)
+        fusion.gate.zero_()
+    assert changed[0] > 1e-3
+    assert torch.all(changed[1:] < 1e-6)
+
+
+def test_any_image_size_is_resized_and_bad_input_is_refused(tiny):
+    cfg, enc = tiny
+    out = enc(torch.zeros(1, 3, 40, 90))
+    assert out.tokens.shape[1] == num_image_tokens(cfg)
+    with pytest.raises(ValueError, match="image_to_tensor"):
+        enc(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image_to_tensor"):
+        enc(torch.zeros(3, 64, 64))
+
+
+def test_clip_loss_prefers_matching_pairs():
+    torch.manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    scale = torch.tensor(4.0)
+    matched = clip_loss(e, e, scale)
+    shuffled = clip_loss(e, e.roll(1, 0), scale)
+    assert matched < 0.1 < shuffled
+
+
+def test_contrastive_loss_trains_both_branches(tiny):
+    cfg, enc = tiny
+    enc.zero_grad()
+    loss, logs = enc.contrastive_loss(torch.rand(4, 3, 64, 64) * 2 - 1,
+                                      torch.randn(4, cfg.llm.hidden_size))
+    loss.backward()
+    assert set(logs) == {"clip_vit", "clip_cnn"}
+    assert enc.vit.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert enc.convnext.embeddings.patch_embeddings.weight.grad.abs().sum() > 0
+    enc.zero_grad()
+
+
+def test_paper_preset_on_meta_device():
+    cfg = FocusConfig.paper()
+    with init_empty_weights():
+        enc = DualEncoder(cfg)
+    sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in enc.named_children()}
+    assert 660e6 < sizes["vit"] < 680e6  # Qwen2.5-VL-3B vision tower (~669M)
+    assert 190e6 < sizes["convnext"] < 200e6  # ConvNeXt-L backbone (~196M)
+    out = enc(torch.empty(1, 3, cfg.encoder.high_res, cfg.encoder.high_res, device="meta"))
+    N = num_image_tokens(cfg)  # (448 / 14 / 2)^2 = 256 after the 2 x 2 patch merger
+    assert N == 256
+    assert out.tokens.shape == (1, N, cfg.llm.hidden_size)
+    assert out.global_feats.shape == (1, N, cfg.encoder.vit_dim)
+    assert [f.shape[-1] for f in out.features] == [192, 96, 48, 24]
+
+
+def test_load_pretrained_branches_from_saved_folders(tmp_path):
+    from transformers import ConvNextConfig, ConvNextModel, SiglipVisionConfig, SiglipVisionModel
+
+    cfg = FocusConfig.tiny()
+    e = cfg.encoder
+    torch.manual_seed(3)
+    vit = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=e.vit_hidden, intermediate_size=e.vit_mlp, num_hidden_layers=e.vit_layers,
+        num_attention_heads=e.vit_heads, image_size=e.low_res, patch_size=e.vit_patch,
+        vision_use_head=False))
+    cnx = ConvNextModel(ConvNextConfig(depths=list(e.convnext_depths),
+                                       hidden_sizes=list(e.convnext_dims)))
+    vit.save_pretrained(tmp_path / "vit")
+    cnx.save_pretrained(tmp_path / "cnx")
+    enc = DualEncoder(cfg).load_pretrained(str(tmp_path / "vit"), str(tmp_path / "cnx"))
+    for a, b in ((enc.vit, vit), (enc.convnext, cnx)):
+        for k, v in b.state_dict().items():
+            assert torch.equal(a.state_dict()[k], v), k
+    wrong = ConvNextModel(ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32]))
+    wrong.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(ValueError, match="does not match cfg.encoder"):
+        enc.load_pretrained(convnext_path=str(tmp_path / "wrong"))

@@ -1,0 +1,73 @@
+"""The training loop (focus_ref/train.py): an interrupted stage resumes to exactly the weights
+of an uninterrupted run; stage 2 trains only the fusion and the adapter."""
+
+import pytest
+import torch
+from torch import nn
+
+from focus_ref import train
+from focus_ref.config import FocusConfig
+from focus_ref.encoder import DualEncoder
+from focus_ref.llm import FocusLLM
+
+
+class Parts(nn.Module):
+    """The two parts stages 0 and 2 touch (FocusModel holds the same attributes)."""
+
+    def __init__(self, cfg, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = DualEncoder(cfg)
+        self.llm = FocusLLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = FocusConfig.tiny()
+    c.llm.num_layers, c.llm.intermediate_size = 2, 256  # keep it quick
+    c.train.stage0.steps, c.train.stage0.batch_size, c.train.stage0.ckpt_every = 6, 4, 3
+    c.train.stage0.warmup, c.train.lm_seq_len, c.train.text_scenes = 2, 16, 8
+    c.train.stage2.steps, c.train.stage2.batch_size, c.train.scene_pool = 3, 2, 16
+    return c
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resumed_stage_equals_uninterrupted_run(cfg, tmp_path):
+    full = Parts(cfg, seed=0)
+    hist_full = train.fit(full, train.stage0_lm(full, cfg), tmp_path / "full", progress=False)
+
+    part = Parts(cfg, seed=0)
+    stage = train.stage0_lm(part, cfg)
+    batch_fn = stage.batch_fn
+
+    def crash_at_4(step):  # the process dies during step 4, after the step-3 checkpoint
+        if step == 4:
+            raise Interrupt
+        return batch_fn(step)
+
+    stage.batch_fn = crash_at_4
+    with pytest.raises(Interrupt):
+        train.fit(part, stage, tmp_path / "part", progress=False)
+
+    fresh = Parts(cfg, seed=1)  # a new process: different initial weights, then --resume
+    hist = train.fit(fresh, train.stage0_lm(fresh, cfg), tmp_path / "part", resume=True,
+                     progress=False)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full])
+    want, got = full.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+
+
+def test_stage2_trains_only_fusion_and_adapter(cfg, tmp_path):
+    model = Parts(cfg, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hist = train.stage2(model, cfg, tmp_path, progress=False)
+    assert len(hist) >= 1 and "gate" in hist[-1]
+    changed = {k.split(".")[0] + "." + k.split(".")[1] for k, v in model.state_dict().items()
+               if not torch.equal(v, before[k])}
+    assert changed == {"encoder.fusion", "encoder.adapter"}
+    assert model.encoder.fusion.gate.item() != 0.0  # the gate has started to open
