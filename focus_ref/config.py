@@ -81,8 +81,8 @@ class LLMConfig:
 class TokenizerConfig:
     """MoVQ visual tokenizer (paper §3.2): pixel-level VQ codes + semantic-level codes."""
 
-    block_out_channels: tuple = (32, 64, 64)  # downsampling factor 2**(len-1)
-    layers_per_block: int = 1
+    block_out_channels: tuple = (32, 32, 32)  # downsampling factor 2**(len-1); >= 32 (SpatialNorm)
+    layers_per_block: int = 0  # tiny: strided convs only in the encoder, 1 resnet per decoder level
     latent_channels: int = 16
     num_vq_embeddings: int = 256  # pixel codebook size
     vq_embed_dim: int = 16
@@ -131,9 +131,10 @@ class DiffusionConfig:
     norm_num_groups: int = 32
     max_sem_tokens: int = 256  # semantic codes the context can hold
     beta_schedule: str = "squaredcos_cap_v2"  # DDPM noise schedule (SDXL: "scaled_linear")
-    prediction_type: str = "v_prediction"  # or "epsilon"
+    prediction_type: str = "v_prediction"  # "v_prediction" | "epsilon" | "sample" (x0)
     sampler: str = "dpm"  # "dpm" (DPM-Solver++) | "ddim"
     mask_loss_weight: float = 1.0  # extra weight of the loss inside the edit region
+    blend_latents: bool = True  # sampling: outside the mask, keep the (noised) source latent
     render_share: float = 0.5  # stage 1: share of "render from tokens" examples (rest: edits)
 
 
@@ -170,20 +171,22 @@ class TrainConfig:
 
     seed: int = 0
     stage0: StageConfig = field(default_factory=lambda: StageConfig(  # (a) LLM text pretraining
-        steps=300, lr=2e-3, batch_size=64, log_every=10, ckpt_every=100))
+        steps=120, lr=2e-3, batch_size=16, log_every=10, ckpt_every=40))
     stage0_clip: StageConfig = field(default_factory=lambda: StageConfig(  # (b) CLIP encoders
-        steps=300, lr=1e-3, batch_size=64, log_every=10, ckpt_every=100))
-    scene_pool: int = 1000  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
-    text_scenes: int = 300  # stage 0a: scenes whose texts (~15 each) form the LM corpus
+        steps=150, lr=1e-3, batch_size=32, log_every=10, ckpt_every=50))
+    scene_pool: int = 500  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
+    text_scenes: int = 200  # stage 0a: scenes whose texts (~15 each) form the LM corpus
     lm_seq_len: int = 64  # stage 0a: tokens per packed row
     stage1: StageConfig = field(default_factory=lambda: StageConfig(  # (a) visual tokenizer
-        steps=400, lr=2e-3, batch_size=8, warmup=10, log_every=10, ckpt_every=100))
+        steps=1000, lr=2e-3, batch_size=8, warmup=10, log_every=10, ckpt_every=100))
     stage1_decoder: StageConfig = field(default_factory=lambda: StageConfig(  # (b) diffusion
         steps=400, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
-        steps=300, lr=1e-3, batch_size=32, log_every=10, ckpt_every=100))
+        steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
     stage3: StageConfig = field(default_factory=StageConfig)  # multimodal pretraining + seg
     stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
+    stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
+        steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))
     w_text: float = 1.0  # text cross-entropy
     w_mask_bce: float = 2.0  # mask binary cross-entropy
     w_mask_dice: float = 0.5  # mask Dice

@@ -35,16 +35,31 @@ Bad input: masks of the wrong size or empty, latents that do not match the grid,
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        UNet2DConditionModel)
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from focus_ref.config import FocusConfig
 
 _UP = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+
+
+def sincos_2d(n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D sine-cosine position embeddings (MAE): rows in the first half of the channels,
+    columns in the second; returns (row (n, dim), col (n, dim)), row[i] + col[j] = cell (i, j)."""
+    half = dim // 2
+    pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+    freq = 2.5 * torch.exp(-torch.arange(half // 2) / max(1, half // 2 - 1) * 3.2)  # (half/2,)
+    emb = torch.cat([(pos * freq).sin(), (pos * freq).cos()], 1)  # (n, half)
+    pad = torch.zeros(n, dim - half)
+    return torch.cat([emb, pad], 1), torch.cat([pad, emb], 1)[:, :dim]  # (n, dim) x 2
 
 
 def build_unet(cfg: FocusConfig) -> UNet2DConditionModel:
@@ -67,6 +82,44 @@ def build_unet(cfg: FocusConfig) -> UNet2DConditionModel:
         use_linear_projection=d.use_linear_projection, norm_num_groups=d.norm_num_groups)
 
 
+@functools.lru_cache(maxsize=64)
+def local_mask(side: int, grid: int, n_pixel: int, length: int, device: str) -> torch.Tensor:
+    """(side², length) bool: query cell q of a side x side feature map may read pixel token k
+    only if k lies in q's footprint on the grid x grid token map; every later token always."""
+    k = torch.arange(n_pixel)  # pixel tokens, row-major on the grid
+    cell = (k // grid) * side // grid * side + (k % grid) * side // grid  # (n_pixel,)
+    pix = cell[None, :] == torch.arange(side * side)[:, None]  # (side², n_pixel)
+    rest = torch.ones(side * side, length - n_pixel, dtype=torch.bool)  # (side², L - n_pixel)
+    return torch.cat([pix, rest], 1).to(device)  # (side², L)
+
+
+class LocalPixelAttention(AttnProcessor2_0):
+    """Cross-attention with a locality prior for pixel tokens: they form a grid aligned with
+    the latent, so a cell reads the pixel tokens of its own footprint (and every semantic /
+    LLM / mask token). Without it each cell must first learn *where* it is to find its token,
+    which takes far longer than the CPU minutes of the tiny preset. No pixel tokens in the
+    context (stage 4: semantic codes + LLM states) -> plain attention."""
+
+    def __init__(self, grid: int, state: dict):
+        self.grid, self.state = grid, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        n_pixel = self.state.get("pixel_tokens", 0)
+        if encoder_hidden_states is None or n_pixel == 0 or hidden_states.dim() != 3:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                    temb)
+        B, N, _ = hidden_states.shape  # N = side² latent cells at this UNet level
+        q = attn.to_q(hidden_states)  # (B, N, inner)
+        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)  # (B, L, inner)
+        q, k, v = (x.view(B, x.shape[1], attn.heads, -1).transpose(1, 2)
+                   for x in (q, k, v))  # (B, heads, N or L, d)
+        allowed = local_mask(math.isqrt(N), self.grid, n_pixel, k.shape[2], str(q.device))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, inner)
+        return attn.to_out[1](attn.to_out[0](out))  # (B, N, C)
+
+
 class DiffusionDecoder(nn.Module):
     def __init__(self, cfg: FocusConfig):
         super().__init__()
@@ -83,8 +136,20 @@ class DiffusionDecoder(nn.Module):
         # context: embeddings of visual tokens at both levels, with their positions
         self.pixel_embed = nn.Embedding(t.num_vq_embeddings, D)
         self.sem_embed = nn.Embedding(t.sem_codebook_size, D)
-        self.row_embed = nn.Parameter(torch.randn(self.grid, D) * 0.02)  # 2-D positions of
-        self.col_embed = nn.Parameter(torch.randn(self.grid, D) * 0.02)  # the h x w grid
+        row, col = sincos_2d(self.grid, D)
+        self.row_embed = nn.Parameter(row)  # 2-D positions of the h x w grid: (h, D), (w, D)
+        self.col_embed = nn.Parameter(col)
+        # The UNet's convolutions are translation-equivariant: for a latent cell to find *its*
+        # pixel token by cross-attention it must know where it is, so a learned position map
+        # is added to the first feature map (as ViT adds position embeddings to its patches).
+        row, col = sincos_2d(self.grid, d.block_out_channels[0])
+        self.unet_pos = nn.Parameter(0.5 * (row[:, None] + col[None]))  # (h, w, C_0)
+        self.unet.conv_in.register_forward_hook(
+            lambda m, i, out: out + self.unet_pos.permute(2, 0, 1).to(out.dtype))  # (B, C_0, h, w)
+        self._attn_state = {"pixel_tokens": 0}  # read by the cross-attention processors
+        self.unet.set_attn_processor({
+            name: LocalPixelAttention(self.grid, self._attn_state) if ".attn2." in name
+            else AttnProcessor2_0() for name in self.unet.attn_processors})
         self.sem_pos = nn.Parameter(torch.randn(d.max_sem_tokens, D) * 0.02)
         self.level_embed = nn.Parameter(torch.zeros(3, D))  # pixel / semantic / LLM
         self.llm_proj = nn.Linear(cfg.llm.hidden_size, D)  # later stages: LLM states
@@ -95,6 +160,31 @@ class DiffusionDecoder(nn.Module):
         self.scheduler = DDPMScheduler(num_train_timesteps=d.num_train_timesteps,
                                        beta_schedule=d.beta_schedule,
                                        prediction_type=d.prediction_type)
+
+    def load_pretrained(self, path: str | None = None) -> DiffusionDecoder:
+        """Initialise the UNet from a pretrained one (default cfg.diffusion.pretrained, SDXL's):
+        every matching tensor is copied; conv_in gains the source and mask channels with zero
+        weights (the InstructPix2Pix recipe), so training starts from the pretrained model."""
+        from focus_ref.tokenizer import split_subfolder
+
+        repo, sub = split_subfolder(path or self.dcfg.pretrained)
+        ref = UNet2DConditionModel.from_pretrained(repo, subfolder=sub)
+        own, skipped = self.unet.state_dict(), []
+        for k, v in ref.state_dict().items():
+            if k == "conv_in.weight" and k in own and own[k].shape[1] > v.shape[1]:
+                own[k].zero_()
+                own[k][:, :v.shape[1]] = v  # (C_0, 2C + 1, 3, 3): the latent channels
+            elif k in own and own[k].shape == v.shape:
+                own[k].copy_(v)
+            else:
+                skipped.append(k)  # e.g. SDXL's text-time add_embedding
+        missing = sorted(set(own) - set(ref.state_dict()))
+        if missing:
+            raise ValueError(f"pretrained UNet at {path} lacks {len(missing)} tensors of "
+                             f"cfg.diffusion's UNet (first: {missing[:3]}); match the sizes")
+        self.unet.load_state_dict(own)
+        self.skipped_pretrained = skipped
+        return self
 
     # ----- conditions ----------------------------------------------------------------------
     def grid_pos(self) -> torch.Tensor:
@@ -148,8 +238,9 @@ class DiffusionDecoder(nn.Module):
         return self.context_norm(torch.cat(parts, 1))  # (B, L, D)
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
-                mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """One denoiser call on scaled latents; mask (B, 1, h, w) from mask_to_grid."""
+                mask: torch.Tensor, context: torch.Tensor, pixel_tokens: int = 0) -> torch.Tensor:
+        """One denoiser call on scaled latents; mask (B, 1, h, w) from mask_to_grid;
+        pixel_tokens = how many leading context tokens are pixel codes (read locally)."""
         if noisy.shape != source.shape or noisy.shape[1:] != (self.latent_channels,) + (
                 self.grid,) * 2:
             raise ValueError(f"latents must be (B, {self.latent_channels}, {self.grid}, "
@@ -157,14 +248,15 @@ class DiffusionDecoder(nn.Module):
                              f"{tuple(noisy.shape)} and {tuple(source.shape)}")
         if self.dcfg.mask_condition == "tokens":  # ablation: the mask through cross-attention
             m = mask.flatten(2).transpose(1, 2)  # (B, h*w, 1)
-            context = torch.cat([context, self.mask_embed(m) + self.grid_pos()], 1)  # (B, L + h*w, D)
+            context = torch.cat([context, self.mask_embed(m) + self.grid_pos()], 1)  # (B,L+hw,D)
             mask = torch.zeros_like(mask)  # (B, 1, h, w): the channel carries nothing
         x = torch.cat([noisy, source, mask], 1)  # (B, 2C + 1, h, w) explicit spatial prompt
+        self._attn_state["pixel_tokens"] = pixel_tokens
         return self.unet(x, t, encoder_hidden_states=context).sample  # (B, C, h, w)
 
     # ----- training -------------------------------------------------------------------------
     def loss(self, target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
-             context: torch.Tensor) -> tuple[torch.Tensor, dict]:
+             context: torch.Tensor, pixel_tokens: int = 0) -> tuple[torch.Tensor, dict]:
         """Denoising loss; target / source are tokenizer latents (B, C, h, w), mask at any
         size mask_to_grid accepts, context (B, L, D) from make_context."""
         B = len(target)
@@ -175,9 +267,10 @@ class DiffusionDecoder(nn.Module):
         noisy = self.scheduler.add_noise(x0, noise, t)  # (B, C, h, w) forward process q(x_t|x_0)
         drop = torch.rand(B, 1, 1, device=x0.device) < self.dcfg.cond_dropout  # CFG dropout
         context = torch.where(drop, self.null_context.to(context.dtype), context)  # (B, L, D)
-        pred = self(noisy, t, src, m, context)  # (B, C, h, w)
-        goal = (self.scheduler.get_velocity(x0, noise, t)
-                if self.dcfg.prediction_type == "v_prediction" else noise)  # (B, C, h, w)
+        pred = self(noisy, t, src, m, context, pixel_tokens)  # (B, C, h, w)
+        kind = self.dcfg.prediction_type
+        goal = {"v_prediction": lambda: self.scheduler.get_velocity(x0, noise, t),
+                "epsilon": lambda: noise, "sample": lambda: x0}[kind]()  # (B, C, h, w)
         err = (pred - goal) ** 2  # (B, C, h, w)
         inside = (err * m).sum() / (m.sum() * err.shape[1]).clamp(min=1)
         loss = err.mean() + self.dcfg.mask_loss_weight * inside  # stress the edited cells
@@ -196,31 +289,44 @@ class DiffusionDecoder(nn.Module):
     def sample(self, source: torch.Tensor, mask: torch.Tensor, context: torch.Tensor,
                generator: torch.Generator | None = None, steps: int | None = None,
                guidance_scale: float | None = None, sampler: str | None = None,
+               pixel_tokens: int = 0, blend: bool | None = None,
                trajectory: list | None = None) -> torch.Tensor:
         """Generate a latent (B, C, h, w) (tokenizer scale) for source latent + mask + context.
 
-        Classifier-free guidance: v = v_uncond + g * (v_cond - v_uncond); g = 1 turns it off.
-        Pass a list as `trajectory` to collect x_t after every step (tokenizer scale).
+        Classifier-free guidance: pred = uncond + g * (cond - uncond); g = 1 turns it off.
+        `blend` (default cfg.diffusion.blend_latents): after every step the cells outside the
+        mask are reset to the source noised to the same level (Blended Latent Diffusion), so
+        the background ends exactly as the source latent. Pass a list as `trajectory` to
+        collect x_t after every step (tokenizer scale).
         """
         B = len(source)
         g = self.dcfg.guidance_scale if guidance_scale is None else guidance_scale
+        blend = self.dcfg.blend_latents if blend is None else blend
         m = self.mask_to_grid(mask, B)  # (B, 1, h, w)
         src = source * self.latent_scale  # (B, C, h, w)
         sched = self.make_sampler(sampler)
         sched.set_timesteps(steps or self.dcfg.num_inference_steps, device=source.device)
         x = randn_tensor(source.shape, generator=generator, device=source.device,
                          dtype=source.dtype)  # (B, C, h, w) x_T ~ N(0, I)
+        noise = randn_tensor(source.shape, generator=generator, device=source.device,
+                             dtype=source.dtype)  # (B, C, h, w) for the blended background
         null = self.null_context.expand_as(context)  # (B, L, D)
-        for t in sched.timesteps:
+        ts = sched.timesteps
+        for i, t in enumerate(ts):
             tt = t.expand(B).to(source.device)  # (B,)
             if g == 1.0:
-                pred = self(x, tt, src, m, context)  # (B, C, h, w)
+                pred = self(x, tt, src, m, context, pixel_tokens)  # (B, C, h, w)
             else:  # one batched call for the conditional and the unconditional branch
                 both = self(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([src, src]),
-                            torch.cat([m, m]), torch.cat([context, null]))  # (2B, C, h, w)
+                            torch.cat([m, m]), torch.cat([context, null]),
+                            pixel_tokens)  # (2B, C, h, w)
                 cond, uncond = both.chunk(2)
                 pred = uncond + g * (cond - uncond)  # classifier-free guidance
             x = sched.step(pred, t, x).prev_sample  # (B, C, h, w)
+            if blend:  # outside the mask: the source at the next step's noise level
+                known = src if i == len(ts) - 1 else self.scheduler.add_noise(
+                    src, noise, ts[i + 1].expand(B))  # (B, C, h, w)
+                x = m * x + (1 - m) * known
             if trajectory is not None:
                 trajectory.append(x / self.latent_scale)
         return x / self.latent_scale  # (B, C, h, w) back in tokenizer units
@@ -259,7 +365,9 @@ def edit_image(decoder: DiffusionDecoder, tokenizer, source: torch.Tensor | None
         src_lat = tokenizer.quantized_latent(source)  # (B, C, h, w)
     if mask is None:
         mask = torch.ones(B, H, H, device=dev)  # (B, H, W)
-    lat = decoder.sample(src_lat, mask, context, generator, steps, guidance_scale)  # (B,C,h,w)
+    n_pix = decoder.grid ** 2 if pixel_codes is not None else 0  # leading pixel tokens
+    lat = decoder.sample(src_lat, mask, context, generator, steps, guidance_scale,
+                         pixel_tokens=n_pix)  # (B, C, h, w)
     if snap_to_codes:  # back onto the codebook: the decoder's output is a token grid again
         lat = tokenizer.codes_to_latent(tokenizer.latent_to_codes(lat))  # (B, C, h, w)
     out = tokenizer.decode_latent(lat).clamp(-1, 1)  # (B, 3, H, W)

@@ -72,7 +72,7 @@ def _description(sample: dict) -> str | None:
     from focus_ref.shapesworld import phrase, unique_attrs
 
     k = sample["edit"]["target_object"]
-    if k < 0:
+    if k < 0 or sample["edit"]["kind"] == "background":  # a background edit names no object
         return None
     return f"the {phrase(unique_attrs(sample['scene'], k))}"
 
@@ -171,9 +171,13 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
         seg, seg_logs = segmentation_loss(logits, presence, gt, torch.ones_like(presence,
                                           dtype=torch.bool), cfg)
         loss, logs = loss + seg, {**logs, **seg_logs}
-    # the decoder: goal latent from source latent + mask + (codes, their LLM states)
+    # the decoder: goal latent from source latent + mask + (codes, LLM states of the prompt
+    # and of the codes); right padding: each prompt fills the first positions of its row
     states = hidden[slots].view(-1, head.num_tokens, hidden.shape[-1])  # (R, N, D)
-    ctx = dec.make_context(sem_codes=codes[slot_rows], llm_states=states)  # (R, L, D_ctx)
+    prompt = (batch["labels"] == IGNORE) & batch["attention_mask"].bool()  # (B, T)
+    Tp = int(prompt.sum(1).max())
+    ctx = dec.make_context(sem_codes=codes[slot_rows], llm_states=context_states(
+        states, hidden[slot_rows, :Tp], prompt[slot_rows, :Tp]))  # (R, L, D_ctx)
     mask = batch["region"][slot_rows].float()  # (R, H, W) generation: everywhere
     if edit_rows.any():  # edits: the PREDICTED mask is the spatial prompt (GT only if empty)
         pred = (logits[:, 0] > 0).detach().float()  # (E, H, W)
@@ -187,6 +191,12 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
     diff, dlogs = dec.loss(goal, source, mask, ctx)
     loss = loss + cfg.edit.w_diffusion * diff
     return loss, {**logs, **{f"dec_{k}": v for k, v in dlogs.items()}}
+
+
+def context_states(code_states, prompt_states, prompt_mask) -> torch.Tensor:
+    """The LLM states the decoder reads beside the codes: those at the prompt (padding
+    zeroed) and at the generated codes (Emu-style conditioning), (R, T + N, D)."""
+    return torch.cat([prompt_states * prompt_mask[..., None], code_states], 1)  # (R, T+N, D)
 
 
 def _region_maps(batch: dict, rows: torch.Tensor) -> torch.Tensor | None:
@@ -253,10 +263,10 @@ class EditResult:
 
 
 def _step(llm, emb: torch.Tensor, mask: torch.Tensor, past=None):
-    """One cached LLM call on input embeddings (B, t, D) -> (last states (B, D), cache)."""
+    """One cached LLM call on input embeddings (B, t, D) -> (states (B, t, D), cache)."""
     out = llm.model.model(inputs_embeds=emb, attention_mask=mask, past_key_values=past,
                           use_cache=True)
-    return out.last_hidden_state[:, -1], out.past_key_values  # (B, D)
+    return out.last_hidden_state, out.past_key_values  # (B, t, D)
 
 
 def write_codes(model, emb, mask, guidance: float = 1.0, generator=None,
@@ -265,10 +275,12 @@ def write_codes(model, emb, mask, guidance: float = 1.0, generator=None,
 
     Classifier-free guidance on the logits (Janus): l = l_u + g (l_c - l_u) when g != 1
     and the batch holds the unconditional rows after the conditional ones. temperature 0 is
-    greedy. Returns codes (B, N) and the LLM states at the code positions (B, N, D).
+    greedy. Returns codes (B, N), the LLM states at the code positions (B, N, D) and at the
+    prefilled positions (B, T, D).
     """
     llm, head = model.llm, model.semantic_head
-    h, past = _step(llm, emb, mask)  # (B', D) the state that predicts code 1
+    prefill, past = _step(llm, emb, mask)  # (B', T, D)
+    h = prefill[:, -1]  # (B', D) the state that predicts code 1
     B = len(emb) // 2 if guidance != 1.0 else len(emb)
     codes, states = [], []
     for _ in range(head.num_tokens):
@@ -287,9 +299,10 @@ def write_codes(model, emb, mask, guidance: float = 1.0, generator=None,
         codes.append(c)
         c2 = c.repeat(len(emb) // B)  # (B',) the same code in both branches
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B', T+1)
-        h, past = _step(llm, head.embed(c2)[:, None], mask, past)  # (B', D)
+        h, past = _step(llm, head.embed(c2)[:, None], mask, past)  # (B', 1, D)
+        h = h[:, -1]  # (B', D)
         states.append(h[:B])  # the state at the code's position (as in training)
-    return torch.stack(codes, 1), torch.stack(states, 1)  # (B, N), (B, N, D)
+    return torch.stack(codes, 1), torch.stack(states, 1), prefill[:B]  # (B,N), (B,N,D), (B,T,D)
 
 
 @torch.no_grad()
@@ -315,7 +328,7 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
         rmaps[rows] = maps[:, None]  # (B, 1, H, W) SAM's dense prompt for the mask decoder
     emb = llm.embed(batch["input_ids"], out.tokens, rtok)  # (B, T, D)
     mask = batch["attention_mask"]
-    h, past = _step(llm, emb, mask)  # (B, D) the state that writes <seg> (or an answer)
+    h = _step(llm, emb, mask)[0][:, -1]  # (B, D) the state that writes <seg> (or an answer)
     first = llm.model.lm_head(h)[:, :llm.visual_token_range.start].argmax(-1)  # (B,)
     wants = first == llm.seg_id  # (B,) the LLM chose to edit
     results: list = [None] * B
@@ -331,7 +344,9 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
         ids = torch.tensor([[llm.seg_id, llm.boi_id]] * B, device=dev)  # forced after <seg>
         emb2 = torch.cat([emb, llm.model.get_input_embeddings()(ids)], 1)  # (B, T + 2, D)
         mask2 = torch.cat([mask, torch.ones_like(ids)], 1)
-        codes, states = write_codes(model, emb2[idx], mask2[idx])  # (E, N), (E, N, D)
+        codes, states, prefill = write_codes(model, emb2[idx], mask2[idx])  # (E, N), ...
+        T = emb.shape[1]  # the prompt: everything before the forced <seg> <boi>
+        states = context_states(states, prefill[:, :T], mask[idx])  # (E, T + N, D)
         logits, presence = model.segmentation(h[idx][:, None], [f[idx] for f in out.features],
                                               images[idx], rmaps[idx] if rows else None)
         pred = logits[:, 0] > 0  # (E, H, W)
@@ -373,9 +388,12 @@ def run_generate(model, prompts: list[str], generator=None, guidance: float | No
     batch = llm.encode(texts if g != 1.0 else texts[:B], padding_side="left")
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     emb = llm.model.get_input_embeddings()(ids)  # (B' , T, D) text only
-    codes, states = write_codes(model, emb, mask, g, generator, t, ec.gen_top_k)
+    codes, states, prefill = write_codes(model, emb, mask, g, generator, t, ec.gen_top_k)
+    prompt = mask[:B].clone()
+    prompt[:, -1] = 0  # <boi> belongs to the answer (as in training)
     return edit_image(model.diffusion, model.visual_tokenizer, None, None, sem_codes=codes,
-                      llm_states=states, generator=generator)  # (B, 3, H, W)
+                      llm_states=context_states(states, prefill, prompt),
+                      generator=generator)  # (B, 3, H, W)
 
 
 # ----- held-out quality ------------------------------------------------------------------

@@ -8,17 +8,18 @@ that starts at zero, so training begins from the plain ViT tokens. An MLP adapte
 fused tokens to the LLM width. The ConvNeXt maps also feed the segmentation predictor.
 
     pixel_values (B, 3, H, W) in [-1, 1] at cfg.encoder.high_res
-      ├─ resize to low_res ─► ViT ─────────► global_feats (B, N, C_vit) ─┐ queries
-      └─ ConvNeXt ─► features [(B, C_i, H/4, W/4) ... (B, C_4, H/32, W/32)] ─┤ keys/values
-                                       fused = global + tanh(gate) * WindowAttn ┘
-                                       tokens = MLP adapter(fused)  (B, N, D_llm)
+      |- resized to low_res -> ViT -> global_feats (B, N, C_vit) ............ queries
+      |- ConvNeXt -> features [(B, C_i, H/4, W/4) ... (B, C_4, H/32, W/32)] .. keys/values
+    fused  = global_feats + tanh(gate) * WindowCrossAttention(queries, keys/values)
+    tokens = MLP adapter(fused)  (B, N, D_llm)
 
 What this file builds, on transformers classes:
   vanilla branch   `SiglipVisionModel` (tiny / small) or the Qwen2.5-VL vision tower
                    `Qwen2_5_VisionTransformerPretrainedModel` (paper; its 2x2 patch merger
                    included, so N = (low_res / patch / 2)^2 and C_vit = cfg.encoder.vit_dim)
   hierarchical     `ConvNextModel`; its four stage outputs are `features` (strides 4-32)
-  fusion           `GatedWindowFusion` (nn.MultiheadAttention over each token's window)
+  fusion           `GatedWindowFusion` (nn.MultiheadAttention over each token's window of
+                   Mini-Gemini's high-res map: all four stages upsampled to stride 4, concatenated)
   adapter          Linear-GELU-Linear, as LLaVA-1.5
   stage 0 head     `ContrastiveHead`: CLIP-style image/caption embeddings for both branches
 
@@ -244,7 +245,8 @@ class DualEncoder(nn.Module):
     def load_pretrained(self, vit_path: str | None = None, convnext_path: str | None = None):
         """Load each branch with transformers' from_pretrained (a hub id or a local folder)."""
         e = self.ecfg
-        vit_path, convnext_path = vit_path or e.vit_pretrained, convnext_path or e.convnext_pretrained
+        vit_path = vit_path or e.vit_pretrained
+        convnext_path = convnext_path or e.convnext_pretrained
         if vit_path:
             if e.vit_kind == "siglip":
                 vit = SiglipVisionModel.from_pretrained(vit_path)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -65,12 +66,12 @@ def train_text_tokenizer(cfg: FocusConfig, n_scenes: int = 40) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _local_pretrained_tokenizer(path: str):
-    """The tokenizer at `path` (a folder or a cached hub id) without touching the network."""
+def _pretrained_tokenizer(path: str, offline: bool = True):
+    """The tokenizer at `path` (a folder or a hub id); offline: only from disk, else None."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=not Path(path).is_dir())
+        return AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError):
         return None
 
@@ -103,7 +104,7 @@ class FocusLLM(nn.Module):
     def _base_tokenizer(self):
         if not self.cfg.llm.pretrained:
             return train_text_tokenizer(self.cfg)
-        tok = _local_pretrained_tokenizer(self.cfg.llm.pretrained)
+        tok = _pretrained_tokenizer(self.cfg.llm.pretrained)  # building never downloads
         if tok is None:  # offline paper-scale build (e.g. on the meta device for shape checks)
             warnings.warn(f"tokenizer {self.cfg.llm.pretrained!r} is not available locally: "
                           "using a ShapesWorld stand-in with the same vocabulary size",
@@ -122,8 +123,9 @@ class FocusLLM(nn.Module):
                                  f"to {len(tok)}")
             if tok.pad_token is None:  # Qwen2.5 base: pad with <|endoftext|>
                 tok.pad_token = tok.eos_token
-            tok.add_special_tokens({"additional_special_tokens": [  # reserved, never produced
-                f"<|reserved_{i}|>" for i in range(v_text - len(tok))]})
+            tok.backend_tokenizer.add_special_tokens([  # reserved ids, never produced
+                AddedToken(f"<|reserved_{i}|>", special=True, normalized=False)
+                for i in range(v_text - len(tok))])
             tok.add_special_tokens({"additional_special_tokens": SPECIALS + visual},
                                    replace_extra_special_tokens=False)
         ids = tok.convert_tokens_to_ids(SPECIALS + visual)
@@ -299,9 +301,10 @@ class FocusLLM(nn.Module):
             raise ValueError(f"pretrained LLM {path} has (hidden, layers, heads, kv_heads, mlp) "
                              f"= {got} but cfg.llm says {want}: set cfg.llm to the checkpoint's "
                              "sizes")
-        tok = _local_pretrained_tokenizer(path)
+        tok = _pretrained_tokenizer(path, offline=False)
         if tok is None:
-            raise FileNotFoundError(f"no tokenizer next to the weights at {path}")
+            raise FileNotFoundError(f"no tokenizer next to the weights at {path}: load_pretrained "
+                                    "needs the checkpoint's tokenizer files too")
         self.tokenizer = self._with_specials(tok)
         model.resize_token_embeddings(c.text_vocab_size, mean_resizing=False)  # drop pad rows
         model.resize_token_embeddings(len(self.tokenizer))  # mean-initialised FOCUS tokens

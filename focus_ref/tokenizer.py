@@ -273,10 +273,11 @@ class VisualTokenizer(nn.Module):
         """The pixel branch as a plain diffusers VQModel folder (config.json + safetensors)."""
         self.vq.save_pretrained(path)
 
-    def load_pixel_branch(self, path: str, subfolder: str | None = None) -> VisualTokenizer:
-        """Load a diffusers VQModel (a folder, or e.g. the hub's kandinsky-2-2-decoder, "movq")
-        whose layout matches cfg.tokenizer."""
-        new = VQModel.from_pretrained(path, subfolder=subfolder)
+    def load_pixel_branch(self, path: str | None = None) -> VisualTokenizer:
+        """Load a diffusers VQModel whose layout matches cfg.tokenizer: a folder, or a hub id
+        with its subfolder (default cfg.tokenizer.pretrained, Kandinsky 2.2's MoVQGAN)."""
+        repo, sub = split_subfolder(path or self.tcfg.pretrained)
+        new = VQModel.from_pretrained(repo, subfolder=sub)
         mine = {k: v.shape for k, v in self.vq.state_dict().items()}
         got = {k: v.shape for k, v in new.state_dict().items()}
         if mine != got:
@@ -285,6 +286,16 @@ class VisualTokenizer(nn.Module):
                              f"differences: {bad}); set the tokenizer sizes to the checkpoint's")
         self.vq.load_state_dict(new.state_dict())
         return self
+
+
+def split_subfolder(path: str) -> tuple[str, str | None]:
+    """"org/repo/sub" (a hub id + subfolder) -> ("org/repo", "sub"); local folders as they are."""
+    from pathlib import Path
+
+    parts = path.split("/")
+    if Path(path).exists() or len(parts) <= 2:
+        return path, None
+    return "/".join(parts[:2]), "/".join(parts[2:])
 
 
 def _maps(out) -> list:

@@ -165,41 +165,37 @@ def _picker(cfg, n: int, step: int, size: int) -> torch.Tensor:
     return torch.from_numpy(rng.choice(n, size=min(n, size), replace=False))  # (B,)
 
 
+_POOLS: dict = {}  # (kind, data config, split, n) -> rendered data, made once per process
+
+
 def caption_pool(cfg, split: str, n: int):
-    """n ShapesWorld scenes as (images (n, 3, H, W) in [-1, 1], captions); cached per process."""
-    return _caption_pool(json.dumps(vars(cfg.data)), split, n)
-
-
-def _cached(fn):
-    import functools
-
-    return functools.lru_cache(maxsize=8)(fn)
-
-
-@_cached
-def _caption_pool(data_json: str, split: str, n: int):
+    """n ShapesWorld scenes as (images (n, 3, H, W) in [-1, 1], captions)."""
     from focus_ref import shapesworld
-    from focus_ref.config import DataConfig
     from focus_ref.data import image_to_tensor
 
-    world = shapesworld.ShapesWorld(DataConfig(**json.loads(data_json)), split)
-    scenes = [world.scene(i) for i in range(n)]  # scene i of world.sample(i), without the extras
-    images = torch.stack([image_to_tensor(shapesworld.render(s)[0]) for s in scenes])
-    return images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
+    key = ("caption", json.dumps(vars(cfg.data)), split, n)
+    if key not in _POOLS:
+        world = shapesworld.ShapesWorld(cfg.data, split)
+        scenes = [world.scene(i) for i in range(n)]  # scene i of world.sample(i), no extras
+        images = torch.stack([image_to_tensor(shapesworld.render(s)[0]) for s in scenes])
+        _POOLS[key] = images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
+    return _POOLS[key]
 
 
-@_cached
-def _text_pool(data_json: str, split: str, n: int) -> list:
-    from focus_ref.config import DataConfig
+def text_pool(cfg, split: str, n: int) -> list:
+    """Every text of n ShapesWorld scenes: captions, questions, answers, expressions, edits."""
     from focus_ref.shapesworld import ShapesWorld
 
-    return ShapesWorld(DataConfig(**json.loads(data_json)), split).corpus(n)
+    key = ("text", json.dumps(vars(cfg.data)), split, n)
+    if key not in _POOLS:
+        _POOLS[key] = ShapesWorld(cfg.data, split).corpus(n)
+    return _POOLS[key]
 
 
 def stage0_lm(model: nn.Module, cfg) -> Stage:
     """(a) Text pretraining of the LLM on captions, questions, answers, expressions, edits."""
     llm, sc, L = model.llm, cfg.train.stage0, cfg.train.lm_seq_len
-    texts = _text_pool(json.dumps(vars(cfg.data)), "train", cfg.train.text_scenes)
+    texts = text_pool(cfg, "train", cfg.train.text_scenes)
     eos = llm.tokenizer.eos_token_id
     ids = llm.tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream = torch.tensor([i for t in ids for i in [eos] + t] + [eos])  # GPT-style packing
@@ -357,8 +353,8 @@ def stage1_decoder(model: nn.Module, cfg) -> Stage:
 
     def loss_fn(batch):
         x = decoder_inputs(model, batch)
-        return dec.loss(x["target"], x["source"], batch["mask"], dec.make_context(x["codes"],
-                                                                                  x["sem"]))
+        context = dec.make_context(x["codes"], x["sem"])  # (B, h*w + N, D): pixel codes first
+        return dec.loss(x["target"], x["source"], batch["mask"], context, dec.grid ** 2)
 
     return Stage("stage1_decoder", _train_only(model, [dec]), loss_fn, batch_fn, sc,
                  cfg.train.seed)
@@ -375,6 +371,9 @@ def stage1(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool 
 # Paper §3.5 stage 2: the encoders and the LLM stay frozen; only the vision-language glue
 # (the gated window fusion and the MLP adapter) learns, on captioning: the LLM must write an
 # image's caption from the visual tokens spliced in at <image>.
+IMAGE_PROMPT = "<image>"  # the captioning prompt: the image alone, then the caption
+
+
 def stage2_adapter(model: nn.Module, cfg) -> Stage:
     enc, llm, sc = model.encoder, model.llm, cfg.train.stage2
     images, caps = caption_pool(cfg, "train", cfg.train.scene_pool)
@@ -391,9 +390,6 @@ def stage2_adapter(model: nn.Module, cfg) -> Stage:
 
     params = _train_only(model, [enc.fusion, enc.adapter])
     return Stage("stage2_adapter", params, loss_fn, batch_fn, sc, cfg.train.seed)
-
-
-IMAGE_PROMPT = "<image>"  # the captioning prompt: the image alone, then the caption
 
 
 def stage2(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:
@@ -439,7 +435,8 @@ def caption_accuracy(model: nn.Module, cfg, n: int = 256, split: str = "val",
 # text -> image generation, edits by region prompt ("make this blue" + a click), and
 # instructions to refuse ("no such object"). Encoders and tokenizer stay frozen. The loss
 # lives in editing.py; examples come from fresh ShapesWorld scenes, a function of the step.
-def stage4_edit(model: nn.Module, cfg) -> Stage:
+def stage4_edit(model: nn.Module, cfg, parts: list | None = None,
+                name: str = "stage4_edit") -> Stage:
     import numpy as np
 
     from focus_ref.editing import collate, edit_loss, make_example
@@ -457,10 +454,38 @@ def stage4_edit(model: nn.Module, cfg) -> Stage:
         model.visual_tokenizer.eval()
         return edit_loss(model, batch, cfg)
 
-    params = _train_only(model, [model.llm, model.semantic_head, model.segmentation,
-                                 model.region_encoder, model.diffusion])
-    return Stage("stage4_edit", params, loss_fn, batch_fn, sc, cfg.train.seed)
+    parts = parts or [model.llm, model.semantic_head, model.segmentation, model.region_encoder,
+                      model.diffusion]
+    return Stage(name, _train_only(model, parts), loss_fn, batch_fn, sc, cfg.train.seed)
 
 
 def stage4(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:
     return fit(model, stage4_edit(model, cfg), out_dir, resume, progress)
+
+
+def mask_ablation(model: nn.Module, cfg, out_dir, n_val: int = 64, resume: bool = False,
+                  progress: bool = True) -> dict:
+    """The paper's ablation in miniature: the decoder's region condition as an explicit mask
+    channel vs learned mask-token embeddings (cfg.diffusion.mask_condition). For each, a fresh
+    decoder (same seed) learns edits for cfg.train.stage4_ablation steps from the frozen LLM's
+    codes and states and the PREDICTED masks; judged on held-out edits without compositing, so
+    change leaking outside the region shows. Returns {mode: edit_quality(...)}."""
+    import copy
+
+    from focus_ref.diffusion import DiffusionDecoder
+    from focus_ref.editing import edit_quality
+    from focus_ref.shapesworld import ShapesWorld
+
+    val = [ShapesWorld(cfg.data, "val").sample(i) for i in range(n_val)]
+    res = {}
+    for mode in ("explicit", "tokens"):
+        c = copy.deepcopy(cfg)
+        c.diffusion.mask_condition, c.train.stage4 = mode, cfg.train.stage4_ablation
+        c.edit.share_generate = c.edit.share_absent = c.edit.share_not_edit = 0.0  # edits only
+        m = copy.deepcopy(model)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights for both
+        m.diffusion = DiffusionDecoder(c).to(m.device)
+        m.diffusion.latent_scale.copy_(model.diffusion.latent_scale)
+        fit(m, stage4_edit(m, c, [m.diffusion], f"ablation_{mode}"), out_dir, resume, progress)
+        res[mode] = edit_quality(m, val, seed=cfg.train.seed, composite=False)
+    return res

@@ -162,3 +162,52 @@ def test_paper_preset_is_sdxl_sized_with_extra_channels_on_meta():
     assert c.cross_attention_dim == 2048  # = Qwen2.5-3B's hidden size
     n = sum(p.numel() for p in d.unet.parameters())
     assert 2.5e9 < n < 2.6e9, n  # SDXL's UNet is 2.57B with its text-time embedding
+
+
+def test_load_pretrained_unet_widens_conv_in_with_zeros(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    d = DiffusionDecoder(cfg)
+    conf = dict(d.unet.config)
+    conf["in_channels"] = 16  # a latent-only UNet, as SDXL's takes just its 4 latent channels
+    ref = UNet2DConditionModel.from_config(conf)
+    ref.save_pretrained(tmp_path)
+    d.load_pretrained(str(tmp_path))
+    w = d.unet.conv_in.weight
+    assert torch.equal(w[:, :16], ref.conv_in.weight)  # the pretrained latent channels
+    assert torch.all(w[:, 16:] == 0)  # source + mask channels start switched off
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(d.unet.state_dict()[key], ref.state_dict()[key])
+
+
+def test_local_mask_lets_a_cell_read_only_its_own_pixel_tokens():
+    from focus_ref.diffusion import local_mask
+
+    m = local_mask(16, 16, 256, 256 + 16, "cpu")  # full-resolution level, + 16 other tokens
+    assert m.shape == (256, 272)
+    assert torch.equal(m[:, :256], torch.eye(256, dtype=torch.bool))  # cell q <-> token q
+    assert m[:, 256:].all()  # semantic / LLM tokens: read everywhere
+    half = local_mask(8, 16, 256, 256, "cpu")  # an 8 x 8 level: each cell covers 2 x 2 tokens
+    assert half.sum(1).eq(4).all()
+    assert half[0].nonzero().flatten().tolist() == [0, 1, 16, 17]
+
+
+def test_pixel_tokens_are_read_locally(dec):
+    """With the locality prior, the first cross-attention output at cell 0 ignores a change of
+    the pixel token of another cell; without it (pixel_tokens=0) it does not."""
+    target, source, mask, codes, sem = batch(1)
+    m = dec.mask_to_grid(mask, 1)
+    other = codes.clone()
+    other[0, 5, 5] = (codes[0, 5, 5] + 1) % 256
+    block = next(mod for name, mod in dec.unet.named_modules() if name.endswith("attn2"))
+    seen = []
+    h = block.register_forward_hook(lambda mod, a, out: seen.append(out[0, 0].clone()))
+    with torch.no_grad():
+        for n_pix in (256, 0):
+            for c in (codes, other):
+                dec(target, torch.tensor([500]), source, m, dec.make_context(c, sem), n_pix)
+    h.remove()
+    assert torch.allclose(seen[0], seen[1])  # local: cell 0 never read token (5, 5)
+    assert not torch.allclose(seen[2], seen[3])  # global attention reads every token

@@ -104,7 +104,8 @@ def test_seg_hidden_is_the_state_one_before_seg(tiny):
     assert states.view(-1).tolist() == [w[0] * T + w[1] - 1 for w in where]
     out = llm(b)  # and on a real forward the state before <seg> is the one that predicts it
     s, _ = llm.seg_hidden(out.hidden, ids)
-    assert torch.allclose(llm.model.lm_head(s), out.logits[ids.roll(-1, 1) == llm.seg_id], atol=1e-5)
+    emitted = out.logits[ids.roll(-1, 1) == llm.seg_id]  # logits at the positions before <seg>
+    assert torch.allclose(llm.model.lm_head(s), emitted, atol=1e-5)
 
 
 def test_generation_with_kv_cache_matches_full_recompute(tiny):
@@ -163,7 +164,8 @@ def test_paper_scale_loading_code_on_a_tiny_saved_qwen2(tiny, tmp_path):
     cfg2 = FocusConfig.tiny()
     cfg2.llm.pretrained = str(tmp_path / "qwen")
     mine = FocusLLM(cfg2).load_pretrained()
-    assert len(mine.tokenizer) == c.text_vocab_size + len(SPECIALS) + cfg.tokenizer.num_vq_embeddings
+    K = cfg.tokenizer.num_vq_embeddings
+    assert len(mine.tokenizer) == c.text_vocab_size + len(SPECIALS) + K
     assert mine.model.get_input_embeddings().num_embeddings == len(mine.tokenizer)
     ids = mine.tokenizer(["a red circle on a plain white background"], return_tensors="pt")
     ids = ids["input_ids"]  # (1, T)

@@ -143,3 +143,12 @@ def test_paper_preset_is_movqgan_67m_on_meta():
     assert t.vq.config.down_block_types[-1] == "AttnDownEncoderBlock2D"
     assert t.vq.config.num_vq_embeddings == 16384
     assert t.codebook.device.type == "meta"
+
+
+def test_load_pixel_branch_checks_the_layout(tok, tmp_path):
+    tok.save_pixel_branch(tmp_path)
+    other = VisualTokenizer(FocusConfig.tiny()).load_pixel_branch(str(tmp_path))
+    assert torch.equal(other.codebook, tok.codebook)
+    small = FocusConfig.from_dict({"tokenizer": {"num_vq_embeddings": 128}})
+    with pytest.raises(ValueError, match="does not match cfg.tokenizer"):
+        VisualTokenizer(small).load_pixel_branch(str(tmp_path))
