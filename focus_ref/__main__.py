@@ -1,4 +1,4 @@
-"""Command line: `python -m focus_ref {train,eval,segment,understand,edit,generate,bench}`.
+"""Command line: `python -m focus_ref {train,eval,edit,generate}`.
 
 Every command has --help. The shipped tiny checkpoint (data_samples/checkpoint) is the
 default --checkpoint, so a new user's first command shows a real result. Bad input (a missing
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
+TASKS = ("tokenizer", "edit", "gen")  # refseg / region / vqa join with FocusModel.segment
 
 
 class InputError(ValueError):
@@ -84,30 +85,10 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from focus_ref.evaluate import evaluate_model
 
-    metrics = evaluate_model(load_model(args), split=args.split, n=args.n)
+    metrics = evaluate_model(load_model(args), split=args.split, n=args.n, tasks=TASKS)
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def cmd_segment(args) -> None:
-    import numpy as np
-    from PIL import Image
-
-    image, region = load_image(args.image), region_from_args(args)
-    if args.expression is not None:
-        region = {"expression": args.expression}
-    masks = load_model(args).segment(image, **region)
-    masks = np.asarray(masks)
-    union = masks.any(0) if masks.ndim == 3 else masks
-    Image.fromarray((union * 255).astype(np.uint8)).save(args.out)
-    n = masks.shape[0] if masks.ndim == 3 else int(masks.any())
-    print(f"{args.out}: {n} object(s), {int(union.sum())} pixels")
-
-
-def cmd_understand(args) -> None:
-    print(load_model(args).understand(load_image(args.image), args.question,
-                                      **region_from_args(args)))
 
 
 def cmd_edit(args) -> None:
@@ -123,23 +104,14 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_bench(args) -> None:
-    from focus_ref.bench import run_bench
-
-    res = run_bench(args.checkpoint)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m focus_ref", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train stages 0-4 end to end, evaluate, write a run folder")
+    t = sub.add_parser("train", help="train every stage end to end, evaluate, write a run folder")
     t.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
-    t.add_argument("--stages", default="0-4", help="e.g. 0-4, 3-4 or 2 (default 0-4)")
+    t.add_argument("--stages", default="0-2,4", help="e.g. 0-2,4 or 4 (default: all, 0-2,4)")
     t.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's "
                    "checkpoints (same result as an uninterrupted run)")
@@ -154,29 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint folder (default: the shipped tiny checkpoint)")
         return sp
 
-    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys)"))
+    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys: tokenizer, edit, gen)"))
     e.add_argument("--split", default="val", choices=["val", "train"])
     e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     e.add_argument("--json", help="also write the metrics to this file")
     e.set_defaults(fn=cmd_eval)
-
-    s = with_ckpt(sub.add_parser("segment", help="mask of what an expression or prompt names"))
-    s.add_argument("--image", required=True)
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--expression", help='words, e.g. "the red circle" or "all squares"')
-    for flag, meta, h in (("--click", "X,Y", "a pixel inside the object"),
-                          ("--box", "X0,Y0,X1,Y1", "a box around the object"),
-                          ("--scribble", "X,Y;X,Y;...", "a polyline over the object"),
-                          ("--mask", "PNG", "a mask image")):
-        g.add_argument(flag, metavar=meta, help=h)
-    s.add_argument("--out", required=True, help="mask PNG to write (white = object)")
-    s.set_defaults(fn=cmd_segment)
-
-    u = with_ckpt(sub.add_parser("understand", help="answer a question about an image"))
-    u.add_argument("--image", required=True)
-    u.add_argument("--question", required=True)
-    add_region_options(u, required=False)
-    u.set_defaults(fn=cmd_understand)
 
     ed = with_ckpt(sub.add_parser("edit", help="edit the region an instruction names"))
     ed.add_argument("--image", required=True)
@@ -191,9 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--out", required=True)
     gn.set_defaults(fn=cmd_generate)
 
-    b = with_ckpt(sub.add_parser("bench", help="speed and memory figures of this machine"))
-    b.add_argument("--json", help="also write the figures to this file")
-    b.set_defaults(fn=cmd_bench)
     return p
 
 

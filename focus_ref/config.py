@@ -115,7 +115,7 @@ class SegmentationConfig:
 class DiffusionConfig:
     """Diffusion decoder in the tokenizer's latent space; the mask is its spatial prompt (§3.4)."""
 
-    block_out_channels: tuple = (64, 128)
+    block_out_channels: tuple = (32, 64)
     layers_per_block: int = 1
     attention_head_dim: int = 32  # channels per attention head
     cross_attention_dim: int = 128
@@ -125,13 +125,13 @@ class DiffusionConfig:
     cond_dropout: float = 0.1  # classifier-free guidance: condition dropped in training
     mask_condition: str = "explicit"  # "explicit" (mask channel) | "tokens" (the ablation)
     pretrained: str = ""  # e.g. SDXL's UNet at paper scale
-    down_block_types: tuple = ("DownBlock2D", "CrossAttnDownBlock2D")  # () = all cross-attn
+    down_block_types: tuple = ()  # () = cross-attention at every level (SDXL: none at the first)
     transformer_layers_per_block: tuple = ()  # () = one per block (SDXL: 1, 2, 10)
     use_linear_projection: bool = False  # SDXL: True
     norm_num_groups: int = 32
     max_sem_tokens: int = 256  # semantic codes the context can hold
     beta_schedule: str = "squaredcos_cap_v2"  # DDPM noise schedule (SDXL: "scaled_linear")
-    prediction_type: str = "v_prediction"  # "v_prediction" | "epsilon" | "sample" (x0)
+    prediction_type: str = "sample"  # "sample" (x0: learns fastest here) | "v_prediction" | "epsilon"
     sampler: str = "dpm"  # "dpm" (DPM-Solver++) | "ddim"
     mask_loss_weight: float = 1.0  # extra weight of the loss inside the edit region
     blend_latents: bool = True  # sampling: outside the mask, keep the (noised) source latent
@@ -178,9 +178,9 @@ class TrainConfig:
     text_scenes: int = 200  # stage 0a: scenes whose texts (~15 each) form the LM corpus
     lm_seq_len: int = 64  # stage 0a: tokens per packed row
     stage1: StageConfig = field(default_factory=lambda: StageConfig(  # (a) visual tokenizer
-        steps=1000, lr=2e-3, batch_size=8, warmup=10, log_every=10, ckpt_every=100))
+        steps=2000, lr=2e-3, batch_size=8, warmup=10, log_every=20, ckpt_every=200))
     stage1_decoder: StageConfig = field(default_factory=lambda: StageConfig(  # (b) diffusion
-        steps=400, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
+        steps=600, lr=2e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
         steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
     stage3: StageConfig = field(default_factory=StageConfig)  # multimodal pretraining + seg
@@ -257,13 +257,15 @@ class FocusConfig:
                           "attn_at_lowest": True,
                           "pretrained": "kandinsky-community/kandinsky-2-2-decoder/movq"},
             "segmentation": {"dim": 256, "num_layers": 2, "num_heads": 8, "mlp_dim": 2048,
-                             "num_region_tokens": 8},
+                             "num_region_tokens": 8, "decoder_stride": 16,
+                             "region_grid": 16, "prompt_radius": 12.0},
             "diffusion": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
                           "attention_head_dim": 64, "cross_attention_dim": 2048,
                           "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
                                                "CrossAttnDownBlock2D"],
                           "transformer_layers_per_block": [1, 2, 10],
                           "use_linear_projection": True, "beta_schedule": "scaled_linear",
+                          "prediction_type": "epsilon",  # as SDXL was trained
                           "max_sem_tokens": 1024,
                           "num_inference_steps": 30, "guidance_scale": 5.0,
                           "pretrained": "stabilityai/stable-diffusion-xl-base-1.0/unet"},

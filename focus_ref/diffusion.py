@@ -11,23 +11,29 @@ Kandinsky 2.2 pairs a UNet with MoVQ):
 
     input channels   noisy latent (C) ⊕ source-image latent (C) ⊕ region mask (1)
                      = 2C + 1 (tiny: 33), all on the h x w latent grid (tiny 16 x 16)
-    cross-attention  context (B, L, D): embeddings of the target's pixel codes (h*w) and
-                     semantic codes (N), each with 2-D / 1-D positions, and / or projected
-                     LLM hidden states; D = cfg.diffusion.cross_attention_dim
-    UNet             `UNet2DConditionModel`, predicting v (or noise) under a DDPM schedule
+    cross-attention  context (B, L, D): embeddings of the target's pixel codes (h*w, 2-D
+                     positions) and semantic codes (N), and / or projected LLM states
+    UNet             `UNet2DConditionModel` under a DDPM schedule, predicting x0 ("sample",
+                     fastest to learn here), v or noise (`prediction_type`)
     sampler          a few-step DPM-Solver++ (or DDIM) with classifier-free guidance on the
                      token context and a torch.Generator for determinism
 
+Two inductive biases make it learn in CPU minutes: pixel tokens are read *locally* (a latent
+cell cross-attends to the pixel tokens of its own footprint and to every other token,
+`LocalPixelAttention`), and a learned position map is added to the UNet's first features
+so cells know where they are (for the semantic tokens and LLM states, read globally).
 `mask_condition = "tokens"` (the ablation) zeroes the mask channel and appends the mask as
 h*w token embeddings to the context instead. In training the token context is swapped for
 a learned null context with probability `cond_dropout` (classifier-free guidance); source
 and mask are always given. Latents are scaled to unit variance by `latent_scale` (set in
-stage 1 from the tokenizer's latents, like SD's 0.18215).
+stage 1 from the tokenizer's latents, like SD's 0.18215). Sampling can keep the background
+in latent space (`blend_latents`: outside the mask, the noised source after every step,
+Blended Latent Diffusion); `edit_image` can also paste the source pixels back outside the
+mask (`composite`).
 
 The task of stage 1 (train.py): (a) render an image from its tokens: source = zeros,
 mask = everywhere; (b) edit: source = the original image, mask = the edit region, tokens =
-those of the target image. `edit_image` runs the whole thing on pixels and can composite the
-untouched background back (outside the mask every pixel is the source's).
+those of the target image.
 
 Bad input: masks of the wrong size or empty, latents that do not match the grid, an unknown
 `mask_condition` -> one ValueError each, naming the fix.
@@ -139,9 +145,9 @@ class DiffusionDecoder(nn.Module):
         row, col = sincos_2d(self.grid, D)
         self.row_embed = nn.Parameter(row)  # 2-D positions of the h x w grid: (h, D), (w, D)
         self.col_embed = nn.Parameter(col)
-        # The UNet's convolutions are translation-equivariant: for a latent cell to find *its*
-        # pixel token by cross-attention it must know where it is, so a learned position map
-        # is added to the first feature map (as ViT adds position embeddings to its patches).
+        # The UNet's convolutions are translation-equivariant: to read the token meant for
+        # its place (e.g. of the 4 x 4 semantic grid) a cell must know where it is, so a
+        # learned position map is added to the first feature map (as ViT's position embeddings)
         row, col = sincos_2d(self.grid, d.block_out_channels[0])
         self.unet_pos = nn.Parameter(0.5 * (row[:, None] + col[None]))  # (h, w, C_0)
         self.unet.conv_in.register_forward_hook(

@@ -129,7 +129,7 @@ class VisualTokenizer(nn.Module):
                 "focus_ref.data.image_to_tensor")
 
     def _check_codes(self, codes: torch.Tensor, size: int, what: str) -> None:
-        if codes.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16):
+        if codes.is_floating_point():
             raise ValueError(f"{what} must be integer ids, got {codes.dtype}: pass .long() ids")
         if codes.numel() and (codes.min() < 0 or codes.max() >= size):
             raise ValueError(
@@ -233,7 +233,7 @@ class VisualTokenizer(nn.Module):
             per = sum(F.mse_loss(F.normalize(a, dim=1), F.normalize(b, dim=1))
                       for a, b in zip(_maps(feature_net(rec)), _maps(feature_net(x))))
             loss = loss + t.perceptual_weight * per
-            logs["perceptual"] = float(per)
+            logs["perceptual"] = float(per.detach())
         if self.discriminator is not None:  # VQGAN hinge loss; D and G in one backward pass:
             frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
             g_adv = -functional_call(self.discriminator, frozen, (rec,)).mean()  # G only

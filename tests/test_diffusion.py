@@ -28,7 +28,7 @@ def batch(B=2, seed=0):
     mask = torch.zeros(B, 64, 64)
     mask[:, 8:30, 20:44] = 1  # a box on the image grid
     codes = torch.randint(0, 256, (B, 16, 16), generator=g)
-    sem = torch.randint(0, 256, (B, 64), generator=g)
+    sem = torch.randint(0, 256, (B, 16), generator=g)  # N = 16 semantic codes (tiny)
     return target, source, mask, codes, sem
 
 
@@ -49,7 +49,7 @@ def test_input_channel_layout_noisy_source_mask(dec):
     assert dec.unet.config.in_channels == 2 * 16 + 1
     m = dec.mask_to_grid(mask, 2)
     ctx = dec.make_context(codes, sem)
-    assert ctx.shape == (2, 16 * 16 + 64, 128)
+    assert ctx.shape == (2, 16 * 16 + 16, 128)
     x, seen_ctx = capture_unet_input(dec, target, torch.tensor([10, 500]), source, m, ctx)
     assert torch.equal(x[:, :16], target)  # noisy latent
     assert torch.equal(x[:, 16:32], source)  # source-image latent
@@ -211,3 +211,32 @@ def test_pixel_tokens_are_read_locally(dec):
     h.remove()
     assert torch.allclose(seen[0], seen[1])  # local: cell 0 never read token (5, 5)
     assert not torch.allclose(seen[2], seen[3])  # global attention reads every token
+
+
+def test_stage1_runs_both_parts_and_resumes(tmp_path):
+    from torch import nn
+
+    from focus_ref import train
+    from focus_ref.encoder import DualEncoder
+
+    cfg = FocusConfig.from_dict({"train": {
+        "stage1": {"steps": 2, "batch_size": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2},
+        "stage1_decoder": {"steps": 2, "batch_size": 2, "warmup": 1, "log_every": 1,
+                           "ckpt_every": 2}}})
+
+    class Parts(nn.Module):  # what stage 1 reads of FocusModel
+        def __init__(self):
+            super().__init__()
+            self.encoder = DualEncoder(cfg)
+            self.visual_tokenizer = VisualTokenizer(cfg)
+            self.diffusion = DiffusionDecoder(cfg)
+
+    torch.manual_seed(0)
+    parts = Parts()
+    hist = train.stage1(parts, cfg, tmp_path, progress=False)
+    assert [h["step"] for h in hist["tokenizer"]] == [0, 1]
+    assert [h["step"] for h in hist["decoder"]] == [0, 1]
+    assert {"mse", "sem_rec", "batch_usage"} <= set(hist["tokenizer"][0])
+    assert parts.diffusion.latent_scale.item() != 1.0  # set from the tokenizer's latents
+    again = train.stage1(Parts(), cfg, tmp_path, resume=True, progress=False)
+    assert again == hist  # finished stages are loaded, not retrained

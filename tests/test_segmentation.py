@@ -245,3 +245,14 @@ def test_loss_decreases_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0], losses
     iou = ((logits > 0) & t).sum() / ((logits > 0) | t).sum()
     assert iou > 0.5, iou
+
+
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_larger_presets_build_on_meta_device(preset):
+    from accelerate import init_empty_weights
+
+    cfg = FocusConfig.from_preset(preset)
+    with init_empty_weights():
+        pred, reg = SegmentationPredictor(cfg), RegionPromptEncoder(cfg)
+    assert pred.seg_proj[0].in_features == cfg.llm.hidden_size
+    assert reg.token.weight.shape == (cfg.segmentation.num_region_tokens, cfg.llm.hidden_size)

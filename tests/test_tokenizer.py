@@ -48,11 +48,11 @@ def test_encode_decode_shapes_and_code_range(tok, images, cfg):
 
 
 def test_semantic_codes(tok, cfg):
-    feats = torch.randn(2, 64, cfg.encoder.vit_dim)
+    feats = torch.randn(2, 16, cfg.encoder.vit_dim)
     codes = tok.encode_semantic(feats)
-    assert codes.shape == (2, 64) and codes.dtype == torch.long
+    assert codes.shape == (2, 16) and codes.dtype == torch.long
     assert 0 <= codes.min() and codes.max() < cfg.tokenizer.sem_codebook_size
-    assert tok.semantic_embedding(codes).shape == (2, 64, cfg.tokenizer.sem_dim)
+    assert tok.semantic_embedding(codes).shape == (2, 16, cfg.tokenizer.sem_dim)
 
 
 def test_pixel_branch_loads_in_plain_diffusers(tok, images, tmp_path):
@@ -72,19 +72,22 @@ def test_pixel_branch_loads_in_plain_diffusers(tok, images, tmp_path):
 
 
 def test_training_steps_lower_the_loss(cfg, images):
+    """On one fixed batch, ten Adam steps cut the reconstruction error (pixel branch) and the
+    feature reconstruction error (semantic branch). The VQ term is not monotone this early:
+    the encoder's outputs move faster than the codebook follows."""
     torch.manual_seed(0)
     t = VisualTokenizer(cfg).train()
-    feats = torch.randn(2, 64, cfg.encoder.vit_dim)
+    feats = torch.randn(2, 16, cfg.encoder.vit_dim)
     opt = torch.optim.Adam(t.parameters(), lr=2e-3)
-    first = None
+    logs = []
     for _ in range(10):
-        loss, logs = t.loss(images[:2], feats)
-        first = first if first is not None else loss.item()
+        loss, log = t.loss(images[:2], feats)
+        logs.append(log)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.7 * first, (first, loss.item())
-    assert {"mse", "vq", "sem_rec"} <= set(logs)
+    assert logs[-1]["mse"] < 0.5 * logs[0]["mse"], [x["mse"] for x in logs]
+    assert logs[-1]["sem_rec"] < logs[0]["sem_rec"] - 0.02, [x["sem_rec"] for x in logs]
 
 
 def test_dead_codes_are_restarted(cfg, images):
