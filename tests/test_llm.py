@@ -176,3 +176,15 @@ def test_paper_scale_loading_code_on_a_tiny_saved_qwen2(tiny, tmp_path):
     cfg2.llm.num_layers = c.num_layers + 1
     with pytest.raises(ValueError, match="set cfg.llm to the checkpoint"):
         FocusLLM(cfg2).load_pretrained()
+
+
+def test_tied_embeddings_stay_tied_on_the_meta_device():
+    from accelerate import init_empty_weights
+
+    cfg = FocusConfig.tiny()
+    cfg.llm.tie_word_embeddings = True  # as Qwen2.5-3B at paper scale
+    with init_empty_weights():
+        llm = FocusLLM(cfg)
+    assert llm.model.lm_head.weight is llm.model.get_input_embeddings().weight
+    n = sum(p.numel() for p in llm.parameters())
+    assert n == sum(p.numel() for p in FocusLLM(cfg).parameters())  # counted once, as on CPU
