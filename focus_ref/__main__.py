@@ -1,4 +1,4 @@
-"""Command line: `python -m focus_ref {train,eval,edit,generate}`.
+"""Command line: `python -m focus_ref {train,eval,segment,understand,edit,generate,bench}`.
 
 Every command has --help. The shipped tiny checkpoint (data_samples/checkpoint) is the
 default --checkpoint, so a new user's first command shows a real result. Bad input (a missing
@@ -104,6 +104,16 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_bench(args) -> None:
+    from focus_ref.bench import run_bench
+
+    ckpt = None if args.random else args.checkpoint
+    result = run_bench(ckpt, train_run=args.train, repeats=args.repeats)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m focus_ref", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--seed", type=int, default=0)
     gn.add_argument("--out", required=True)
     gn.set_defaults(fn=cmd_generate)
+
+    b = with_ckpt(sub.add_parser(
+        "bench", help="speed and memory on this machine (latency of each public call, training "
+        "samples/s and MFU, peak RSS, stage minutes); --train DIR also times the whole main job"))
+    b.add_argument("--json", help="also write the results to this file")
+    b.add_argument("--train", metavar="DIR", help="run `train --preset tiny` into DIR and add "
+                   "its stage minutes and held-out metrics (run.*): the full-length numbers")
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per figure (median)")
+    b.add_argument("--random", action="store_true", help="a random tiny model instead of a "
+                   "checkpoint (speed only)")
+    b.set_defaults(fn=cmd_bench)
 
     return p
 

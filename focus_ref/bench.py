@@ -63,3 +63,73 @@ def train_throughput(step: Callable[[], object], batch_size: int, steps: int = 5
     return {"train.samples_per_s": batch_size / sec, "train.step_s": sec,
             "train.flops_per_step": flops, "train.mfu": flops / sec / peak,
             "machine.matmul_gflops": peak / 1e9}
+
+
+def stage_step(stage) -> Callable[[], None]:
+    """One optimizer step of a train.Stage on a fixed batch (its step-0 batch)."""
+    opt = torch.optim.AdamW([p for p in stage.params if p.requires_grad], lr=stage.cfg.lr)
+    batch = stage.batch_fn(0)
+
+    def step():
+        loss, _ = stage.loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def run_bench(checkpoint=None, train_run=None, repeats: int = 5, progress: bool = True) -> dict:
+    """Every DESIGN §6 bench key for a checkpoint (a random tiny model if None).
+
+    train_run: a folder to run the whole main job (`train --preset tiny`) in; its stage minutes
+    and held-out metrics join the result (prefixed "run."). Without it, the stage minutes are
+    those recorded in the checkpoint's metrics.json by the run that trained it, if any.
+    """
+    import copy
+    import json
+    import warnings
+    from pathlib import Path
+
+    from focus_ref.config import FocusConfig
+    from focus_ref.model import FocusModel
+    from focus_ref.shapesworld import ShapesWorld
+
+    model = FocusModel.from_pretrained(checkpoint) if checkpoint else FocusModel(FocusConfig.tiny())
+    cfg, out = model.config, {}
+    s = ShapesWorld(cfg.data, "val").sample(0)
+    obj = s["prompts"][0]
+    calls = {"edit": lambda: model.edit(s["image"], s["edit"]["instruction"]),
+             "generate": lambda: model.generate(s["caption"])}
+    if hasattr(model, "segment"):  # the understanding path (stage 3)
+        calls["segment"] = lambda: model.segment(s["image"], click=obj["click"])
+        calls["segment_text"] = lambda: model.segment(s["image"], expression=s["refs"][0]["text"])
+    if hasattr(model, "understand"):
+        calls["understand"] = lambda: model.understand(s["image"], s["qa"][0][0])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # "no edit made" from an untrained model
+        for name, fn in calls.items():
+            out[f"latency.{name}_s"] = median_seconds(fn, repeats=repeats)
+    # training throughput: the richest stage this version has (3 if present, else 4)
+    from focus_ref import train
+
+    trainee = copy.deepcopy(model).train()
+    try:
+        from focus_ref.pretrain import stage3_multitask as make_stage  # stage 3 (issue 5)
+        name = "stage3"
+    except ImportError:
+        make_stage, name = train.stage4_edit, "stage4"
+    stage = make_stage(trainee, cfg)
+    out.update(train_throughput(stage_step(stage), stage.cfg.batch_size, steps=repeats))
+    out["train.stage"] = name
+    del trainee
+    metrics = Path(checkpoint or "", "metrics.json") if checkpoint else None
+    if train_run is not None:
+        from focus_ref.run import main_job
+
+        run = main_job("tiny", out=train_run, progress=progress)
+        out.update({k if k.startswith("time.") else f"run.{k}": v for k, v in run.items()})
+    elif metrics is not None and metrics.is_file():  # recorded by the run that made it
+        out.update({k: v for k, v in json.loads(metrics.read_text()).items()
+                    if k.startswith("time.")})
+    out["memory.peak_rss_mb"] = peak_rss_mb()
+    return out
