@@ -11,6 +11,7 @@ recipe of the paper (§3.5) — and writes a run folder:
     runs/tiny/stage*/            each stage's resumable checkpoint (safetensors)
     runs/tiny/final/             the trained model (FocusModel.from_pretrained reads it)
     runs/tiny/metrics.json       held-out metrics (DESIGN §6 keys) + minutes per stage
+    runs/tiny/history.json       every stage's logged losses (the curves)
     runs/tiny/report.md          the numbers, loss curves, masks and edits as figures
 
 An interrupted run continues with --resume and gives the same result; a NaN loss stops the
@@ -105,8 +106,23 @@ def main_job(preset: str = "tiny", stages: str = "0-2,4", out: str | Path = "run
     metrics["time.eval_min"] = round((time.time() - t0) / 60, 2)
     metrics["time.train_min"] = round(sum(minutes.values()), 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "history.json").write_text(json.dumps(_flat_histories(histories)) + "\n")
     write_report(model, metrics, histories, out)
     return metrics
+
+
+def ship(run: str | Path, dest: str | Path) -> None:
+    """Copy a finished run's model into `dest` as the shipped checkpoint: weights in half
+    precision (fp16 on disk, fp32 once loaded), config, text tokenizer, and the run's
+    metrics.json and history.json (the numbers and curves the notebooks show)."""
+    import shutil
+
+    from focus_ref.model import FocusModel
+
+    run, dest = Path(run), Path(dest)
+    FocusModel.from_pretrained(run / "final").save_pretrained(dest, half=True)
+    for name in ("metrics.json", "history.json"):
+        shutil.copyfile(run / name, dest / name)
 
 
 def _flat_histories(histories: dict) -> dict[str, list]:

@@ -21,7 +21,7 @@ def test_quick_main_job_writes_a_complete_run_folder(tmp_path):
     out = tmp_path / "run"
     metrics = main_job(out=out, quick=True, eval_n=4, progress=False)
     for f in ("config.json", "final/model.safetensors", "final/config.json", "metrics.json",
-              "report.md", "figures/loss.png", "figures/examples.png"):
+              "history.json", "report.md", "figures/loss.png", "figures/examples.png"):
         assert (out / f).is_file(), f
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
@@ -38,3 +38,20 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
                "--checkpoint", str(tmp_path / "nope")])
     assert rc == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_ship_writes_a_half_precision_checkpoint_that_loads(tmp_path):
+    import torch
+
+    from focus_ref.model import FocusModel
+    from focus_ref.run import ship
+
+    run = tmp_path / "run"
+    main_job(out=run, stages="4", quick=True, eval_n=2, progress=False)
+    ship(run, tmp_path / "shipped")
+    full = (run / "final" / "model.safetensors").stat().st_size
+    assert (tmp_path / "shipped" / "model.safetensors").stat().st_size < 0.6 * full
+    a, b = FocusModel.from_pretrained(run / "final"), FocusModel.from_pretrained(tmp_path / "shipped")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert w.dtype == v.dtype and torch.allclose(v, w, atol=1e-2, rtol=1e-2), k
+    assert (tmp_path / "shipped" / "history.json").is_file()
