@@ -67,7 +67,7 @@ class SemanticHead(nn.Module):
 
 
 # ----- stage 4 examples ------------------------------------------------------------------
-def _description(sample: dict) -> str | None:
+def describe_target(sample: dict) -> str | None:
     """The words an edit instruction uses for its object ("the red circle"), if any."""
     from focus_ref.shapesworld import phrase, unique_attrs
 
@@ -80,7 +80,7 @@ def _description(sample: dict) -> str | None:
 def absent_instruction(sample: dict) -> str:
     """The sample's edit instruction with its object swapped for one that is not there."""
     absent = next(r["text"] for r in sample["refs"] if r["type"] == "none")
-    return sample["edit"]["instruction"].replace(_description(sample), absent)
+    return sample["edit"]["instruction"].replace(describe_target(sample), absent)
 
 
 def make_example(sample: dict, rng: np.random.Generator, cfg: FocusConfig) -> dict:
@@ -89,7 +89,7 @@ def make_example(sample: dict, rng: np.random.Generator, cfg: FocusConfig) -> di
     e, ec = sample["edit"], cfg.edit
     ex = {"source": sample["image"], "goal": e["target_image"], "region": e["region"],
           "prompt_region": None, "task": "edit"}
-    desc, u = _description(sample), rng.random()
+    desc, u = describe_target(sample), rng.random()
     if u < ec.share_generate:  # text -> image; the caption is dropped sometimes (CFG)
         cap = "" if rng.random() < ec.caption_dropout else sample["caption"]
         return {**ex, "task": "generate", "prompt": GENERATE.format(cap), "goal": sample["image"],
@@ -434,7 +434,7 @@ def refusal_quality(model, samples: list[dict], batch_size: int = 16) -> dict:
     """Edits that name an absent object: the share refused (answered "no such object")."""
     from focus_ref.data import image_to_tensor
 
-    rows = [(s, absent_instruction(s)) for s in samples if _description(s)]
+    rows = [(s, absent_instruction(s)) for s in samples if describe_target(s)]
     hits = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]

@@ -464,12 +464,13 @@ def stage4(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool 
 
 
 def mask_ablation(model: nn.Module, cfg, out_dir, n_val: int = 64, resume: bool = False,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, models: dict | None = None) -> dict:
     """The paper's ablation in miniature: the decoder's region condition as an explicit mask
     channel vs learned mask-token embeddings (cfg.diffusion.mask_condition). For each, a fresh
     decoder (same seed) learns edits for cfg.train.stage4_ablation steps from the frozen LLM's
     codes and states and the PREDICTED masks; judged on held-out edits without compositing, so
-    change leaking outside the region shows. Returns {mode: edit_quality(...)}."""
+    change leaking outside the region shows. Returns {mode: edit_quality(...)}; pass a dict
+    as `models` to get the two trained copies back in it."""
     import copy
 
     from focus_ref.diffusion import DiffusionDecoder
@@ -488,4 +489,6 @@ def mask_ablation(model: nn.Module, cfg, out_dir, n_val: int = 64, resume: bool 
         m.diffusion.latent_scale.copy_(model.diffusion.latent_scale)
         fit(m, stage4_edit(m, c, [m.diffusion], f"ablation_{mode}"), out_dir, resume, progress)
         res[mode] = edit_quality(m, val, seed=cfg.train.seed, composite=False)
+        if models is not None:  # the trained copies, for figures
+            models[mode] = m
     return res

@@ -79,7 +79,7 @@ def test_examples_cover_every_task_and_are_deterministic(cfg, val):
 
 def test_absent_instruction_names_an_object_not_in_the_scene(val):
     for s in val:
-        if E._description(s):
+        if E.describe_target(s):
             t = E.absent_instruction(s)
             assert t != s["edit"]["instruction"]
             ref = next(r for r in s["refs"] if r["type"] == "none")
