@@ -2,6 +2,7 @@
 of an uninterrupted run; stage 2 trains only the fusion and the adapter."""
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from torch import nn
 
@@ -71,3 +72,22 @@ def test_stage2_trains_only_fusion_and_adapter(cfg, tmp_path):
                if not torch.equal(v, before[k])}
     assert changed == {"encoder.fusion", "encoder.adapter"}
     assert model.encoder.fusion.gate.item() != 0.0  # the gate has started to open
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(cfg, tmp_path):
+    model = Parts(cfg, seed=0)
+    stage = train.stage0_lm(model, cfg)
+    loss_fn = stage.loss_fn
+
+    def nan_at_4(batch):  # the loss diverges at step 4, after the step-3 checkpoint
+        loss, logs = loss_fn(batch)
+        nan_at_4.calls += 1
+        return (loss * float("nan") if nan_at_4.calls == 5 else loss), logs
+    nan_at_4.calls = 0
+    stage.loss_fn = nan_at_4
+    with pytest.raises(FloatingPointError, match="step 4.*--resume"):
+        train.fit(model, stage, tmp_path, progress=False)
+    saved = (tmp_path / stage.name / "state.json").read_text()
+    assert '"step": 3' in saved  # the good checkpoint is untouched
+    good = load_file(str(tmp_path / stage.name / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
