@@ -56,7 +56,9 @@ class FocusModel(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.to_json(path / "config.json")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        from focus_ref.train import saveable_state
+
+        state = saveable_state(self)  # tied weights stored once (safetensors refuses aliases)
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         save_file(state, str(path / "model.safetensors.tmp"))
@@ -72,7 +74,11 @@ class FocusModel(nn.Module):
                 "folder written by save_pretrained or by `python -m focus_ref train`")
         config = FocusConfig.from_json(path / "config.json")
         model = cls(config, text_tokenizer=FocusLLM.load_text_tokenizer(path / "text_tokenizer"))
+        from focus_ref.train import tied_aliases
+
         state = load_file(str(path / "model.safetensors"))
+        tied = tied_aliases(model)  # stored once: fill the aliases from their first name
+        state.update({k: state[v] for k, v in tied.items() if v in state})
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

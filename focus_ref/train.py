@@ -115,10 +115,27 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 
 # ----- checkpoints: safetensors only, nothing is unpickled -------------------------------
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{name: first name} for state-dict entries that are the same tensor as an earlier one
+    (tied weights, e.g. Qwen2.5-3B's lm_head = embed_tokens). Stored once on disk."""
+    first, out = {}, {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        out.update({k: first[id(v)]} if id(v) in first else {})
+        first.setdefault(id(v), k)
+    return out
+
+
+def saveable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict for safetensors: on CPU, contiguous, tied weights once."""
+    skip = tied_aliases(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+            if k not in skip}
+
+
 def _save(model: nn.Module, opt: torch.optim.Optimizer, params: list, step: int,
           history: list, ckpt: Path) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = saveable_state(model)
     save_file(state, str(ckpt / "model.safetensors.tmp"))
     flat = {"rng": torch.get_rng_state()}
     for i, p in enumerate(params):  # AdamW moments, keyed by the parameter's position
@@ -134,7 +151,8 @@ def _save(model: nn.Module, opt: torch.optim.Optimizer, params: list, step: int,
 def _load(model: nn.Module, opt: torch.optim.Optimizer, params: list,
           ckpt: Path) -> tuple[int, list]:
     meta = json.loads((ckpt / "state.json").read_text())
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    state = load_file(str(ckpt / "model.safetensors"))
+    model.load_state_dict({**state, **{k: state[v] for k, v in tied_aliases(model).items()}})
     flat = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(flat.pop("rng"))
     for key, v in flat.items():

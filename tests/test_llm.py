@@ -188,3 +188,16 @@ def test_tied_embeddings_stay_tied_on_the_meta_device():
     assert llm.model.lm_head.weight is llm.model.get_input_embeddings().weight
     n = sum(p.numel() for p in llm.parameters())
     assert n == sum(p.numel() for p in FocusLLM(cfg).parameters())  # counted once, as on CPU
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    from focus_ref import FocusModel
+
+    cfg = FocusConfig.tiny()
+    cfg.llm.tie_word_embeddings = True
+    torch.manual_seed(0)
+    m = FocusModel(cfg)
+    m.save_pretrained(tmp_path)  # safetensors refuses shared tensors: stored once
+    back = FocusModel.from_pretrained(tmp_path)
+    head, emb = back.llm.model.lm_head.weight, back.llm.model.get_input_embeddings().weight
+    assert head is emb and torch.equal(emb, m.llm.model.get_input_embeddings().weight)
