@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
-TASKS = ("tokenizer", "edit", "gen")  # refseg / region / vqa join with FocusModel.segment
+TASKS = ("refseg", "region", "vqa", "tokenizer", "edit", "gen")
 
 
 class InputError(ValueError):
@@ -71,6 +71,9 @@ def add_region_options(p: argparse.ArgumentParser, required: bool) -> None:
 def load_model(args):
     from focus_ref.model import FocusModel
 
+    if not (Path(args.checkpoint) / "model.safetensors").is_file():
+        raise InputError(f"no checkpoint at {args.checkpoint}: train one with `python -m "
+                         "focus_ref train --preset tiny` and pass --checkpoint RUN/final")
     return FocusModel.from_pretrained(args.checkpoint)
 
 
@@ -89,6 +92,25 @@ def cmd_eval(args) -> None:
     print(json.dumps(metrics, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def cmd_segment(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    image = load_image(args.image)
+    region = region_from_args(args)
+    if args.expression is not None:
+        region = {"expression": args.expression}
+    masks = load_model(args).segment(image, **region)
+    union = np.any(masks, 0) if masks else np.zeros(image.shape[:2], bool)  # (H, W)
+    Image.fromarray(union.astype(np.uint8) * 255).save(args.out)
+    print(f"wrote {args.out}: {len(masks)} target(s)" if masks else
+          f"wrote {args.out}: no target (empty mask)")
+
+
+def cmd_understand(args) -> None:
+    print(load_model(args).understand(load_image(args.image), args.question))
 
 
 def cmd_edit(args) -> None:
@@ -121,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train every stage end to end, evaluate, write a run folder")
     t.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
-    t.add_argument("--stages", default="0-2,4", help="e.g. 0-2,4 or 4 (default: all, 0-2,4)")
+    t.add_argument("--stages", default="0-4", help="e.g. 0-3 or 3-4 (default: all, 0-4)")
     t.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's "
                    "checkpoints (same result as an uninterrupted run)")
@@ -136,11 +158,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint folder (default: the shipped tiny checkpoint)")
         return sp
 
-    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys: tokenizer, edit, gen)"))
+    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys)"))
     e.add_argument("--split", default="val", choices=["val", "train"])
     e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     e.add_argument("--json", help="also write the metrics to this file")
     e.set_defaults(fn=cmd_eval)
+
+    sg = with_ckpt(sub.add_parser(
+        "segment", help="mask of what an expression or a region prompt refers to",
+        description="Segment the object(s) an expression names (one mask per target; several "
+        "targets are united in the PNG; none gives an empty mask), or the object under a "
+        "click / box / scribble / mask. Coordinates are pixels of the model's resolution "
+        "(64 x 64 for the tiny preset), x = column. Example: python -m focus_ref segment "
+        "--image scene.png --expression 'the red circle' --out mask.png"))
+    sg.add_argument("--image", required=True, help="PNG / JPEG (resized to the model's size)")
+    g = sg.add_mutually_exclusive_group(required=True)
+    g.add_argument("--expression", metavar="TEXT", help='words, e.g. "all circles"')
+    g.add_argument("--click", metavar="X,Y", help="a pixel inside the object (x = column)")
+    g.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object (inclusive)")
+    g.add_argument("--scribble", metavar="X,Y;X,Y;...", help="a polyline over the object "
+                   "(at least 2 points)")
+    g.add_argument("--mask", metavar="PNG", help="a mask image (white = the object)")
+    sg.add_argument("--out", required=True, help="where to write the mask PNG (white = object)")
+    sg.set_defaults(fn=cmd_segment)
+
+    un = with_ckpt(sub.add_parser(
+        "understand", help="answer a question about an image",
+        description="Answer a question about an image, e.g. python -m focus_ref understand "
+        "--image scene.png --question 'how many circles are there?'"))
+    un.add_argument("--image", required=True, help="PNG / JPEG (resized to the model's size)")
+    un.add_argument("--question", required=True, help='e.g. "what color is the square?"')
+    un.set_defaults(fn=cmd_understand)
 
     ed = with_ckpt(sub.add_parser("edit", help="edit the region an instruction names"))
     ed.add_argument("--image", required=True)

@@ -183,7 +183,9 @@ class TrainConfig:
         steps=600, lr=2e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
         steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
-    stage3: StageConfig = field(default_factory=StageConfig)  # multimodal pretraining + seg
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(  # multimodal pretraining
+        steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
+    stage3_scenes: int = 2000  # stage 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
     stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
         steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))

@@ -92,6 +92,56 @@ class FocusModel(nn.Module):
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         return model.to(device).eval()
 
+    # ----- understanding and segmentation (pretrain.py, paper §3.3, §3.5 stage 3) ----------
+    def _input(self, image) -> torch.Tensor:
+        """A path, PIL image or uint8 array -> (1, 3, H, W) on the model's device."""
+        from PIL import Image, UnidentifiedImageError
+
+        from focus_ref.editing import to_input
+
+        if isinstance(image, (str, Path)):
+            try:
+                with Image.open(image) as im:
+                    image = im.convert("RGB")
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"cannot read the image {image} ({type(e).__name__}): pass "
+                                 "a PNG / JPEG path, a PIL image or a uint8 H x W x 3 array"
+                                 ) from None
+        try:
+            return to_input(image, self.config.data.image_size).to(self.device)
+        except TypeError as e:
+            raise ValueError(str(e)) from None
+
+    def segment(self, image, expression: str | None = None, click=None, box=None,
+                scribble=None, mask=None) -> list:
+        """The objects an expression or ONE region prompt refers to, as boolean H x W masks.
+
+        click (x, y), box (x0, y0, x1, y1) inclusive, scribble [(x, y), ...] (>= 2 points)
+        in pixels of the model's resolution (x = column); mask: bool H x W. Returns one mask
+        per target (the LLM writes one `<seg>` each); an empty list means "no target".
+        """
+        from focus_ref.pretrain import segment_masks
+
+        given = {k: v for k, v in dict(expression=expression, click=click, box=box,
+                                       scribble=scribble, mask=mask).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of expression / click / box / scribble / mask, "
+                             f"got {sorted(given) or 'none'}")
+        if expression is not None and (not isinstance(expression, str) or not expression.strip()):
+            raise ValueError("empty expression: name what to segment, e.g. 'the red circle'")
+        x = self._input(image)
+        region = None if expression is not None else next(iter(given.items()))
+        masks = segment_masks(self.eval(), x, expression and expression.strip(), region)
+        return [m for m in masks.cpu().numpy()]  # [(H, W) bool] * K
+
+    def understand(self, image, question: str) -> str:
+        """The model's answer to a question about the image (greedy)."""
+        from focus_ref.pretrain import answer
+
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("empty question: ask something, e.g. 'how many circles are there?'")
+        return answer(self.eval(), self._input(image), question.strip())
+
     # ----- editing and generation (editing.py, paper §3.4) ----------------------------------
     def edit(self, image, instruction: str, region: dict | None = None, seed: int = 0,
              return_details: bool = False):

@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from focus_ref import train
+from focus_ref import pretrain, train
 from focus_ref.config import FocusConfig
 
-# Stage 3 (multimodal pretraining with segmentation-aware alignment) joins with issue 5;
-# until then stage 4 learns the <seg> -> edit-region masks itself.
-STAGES = {0: train.stage0, 1: train.stage1, 2: train.stage2, 4: train.stage4}
-TASKS = ("tokenizer", "edit", "gen")
+# Stage 3 (pretrain.py): multimodal pretraining with segmentation-aware alignment.
+STAGES = {0: train.stage0, 1: train.stage1, 2: train.stage2, 3: pretrain.stage3, 4: train.stage4}
+TASKS = ("refseg", "region", "vqa", "tokenizer", "edit", "gen")
 
 
 def parse_stages(text: str) -> list[int]:
@@ -60,6 +59,7 @@ def quick_config(cfg: FocusConfig, steps: int = 3) -> FocusConfig:
         sc.steps, sc.batch_size, sc.warmup = steps, min(sc.batch_size, 4), 1
         sc.log_every, sc.ckpt_every = 1, steps
     cfg.train.scene_pool, cfg.train.text_scenes = 32, 20  # fewer scenes rendered up front
+    cfg.train.stage3_scenes = 32
     return cfg
 
 
@@ -72,7 +72,7 @@ def train_stage_fields(cfg: FocusConfig):
             if isinstance(getattr(cfg.train, f.name), StageConfig)]
 
 
-def main_job(preset: str = "tiny", stages: str = "0-2,4", out: str | Path = "runs/tiny",
+def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/tiny",
              resume: bool = False, seed: int = 0, quick: bool = False, init: str | None = None,
              eval_n: int | None = None, progress: bool = True) -> dict:
     from focus_ref.evaluate import evaluate_model

@@ -256,3 +256,12 @@ def test_larger_presets_build_on_meta_device(preset):
         pred, reg = SegmentationPredictor(cfg), RegionPromptEncoder(cfg)
     assert pred.seg_proj[0].in_features == cfg.llm.hidden_size
     assert reg.token.weight.shape == (cfg.segmentation.num_region_tokens, cfg.llm.hidden_size)
+
+
+def test_expression_words_are_a_second_prompt_that_changes_the_mask(predictor):
+    states, text = torch.randn(2, 3, D), torch.randn(2, D)
+    a, pa = predictor(states, features(), image())
+    b, pb = predictor(states, features(), image(), text_states=text)
+    c, _ = predictor(states, features(), image(), text_states=text.flip(0))
+    assert b.shape == a.shape == (2, 3, H, H) and pb.shape == (2, 3)
+    assert not torch.allclose(a, b) and not torch.allclose(b, c)

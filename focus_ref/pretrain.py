@@ -1,0 +1,237 @@
+"""Stage 3: multimodal pretraining with segmentation-aware alignment (FOCUS, arXiv 2506.16806,
+§3.5 stage 3, Fig. 2), and the inference behind `FocusModel.segment` / `understand`.
+
+What the paper says: after the adapters are warmed up (stage 2), the LLM is unfrozen and
+trained on a mix of understanding and grounding tasks at once, so that its hidden states carry
+*where* things are as well as *what* they are: captions, visual questions, referring
+segmentation (one `<seg>` per target; several targets or none, gRefCOCO / GRES), interactive
+region prompts (a click / box / scribble / mask becomes region tokens, UniPixel) and the
+prediction of the image's own visual tokens (Janus / ILLUME+). Losses: text cross-entropy,
+mask BCE + Dice, visual-token cross-entropy, weighted by cfg.train.w_*.
+
+The task mix, one ShapesWorld sample -> one example (prompt -> answer):
+    refseg   "<image> segment: the red circle"        -> "<seg>" (one per target, left to
+             right) or "no target" (GRES: no <seg>; the presence head learns "empty" there)
+    region   "<image> <region> segment this"          -> "<seg>"   (+ the prompt as SAM's
+             dense prompt of the mask decoder)
+    what     "<image> <region> what is this?"         -> "red circle"
+    vqa      "<image> how many circles are there?"    -> "2"
+    caption  "<image>"                                -> the caption (as stage 2)
+    visual   "generate: <caption>"                    -> <boi> s_1 .. s_N <eoi>, the image's
+             N semantic codes (the tokenizer's semantic branch; editing.SemanticHead)
+The `<seg>` state is the hidden state one position *before* each `<seg>` (LISA); with the
+mean state over the prompt's words (`word_states`: at this scale the states before `<seg>`
+nearly coincide, mean cosine 0.94, so alone they barely say which object) it prompts the
+SegmentationPredictor, which returns a full-resolution mask and a presence score. The ConvNeXt
+branch trains too (segmentation-aware alignment of the features the predictor reads); the ViT
+and the tokenizer stay frozen, so the semantic codes keep their meaning for stage 4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from focus_ref.config import FocusConfig
+from focus_ref.editing import GENERATE, SLOT
+from focus_ref.llm import IGNORE, SEG, next_token_loss
+from focus_ref.segmentation import PROMPT_KINDS
+from focus_ref.train import Stage, _train_only, fit
+
+SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
+WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
+NO_TARGET = "no target"
+TASK_SHARES = {"refseg": 0.5, "region": 0.25, "what": 0.05, "vqa": 0.12, "caption": 0.03,
+               "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
+
+
+# ----- examples ----------------------------------------------------------------------------
+def target_masks(inst: np.ndarray, targets: list[int]) -> list[np.ndarray]:
+    """One visible mask per target, left to right (the order the `<seg>`s are written in);
+    a fully hidden target has no pixels and gets no `<seg>`."""
+    masks = [inst == k for k in targets if (inst == k).any()]
+    return sorted(masks, key=lambda m: (np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()))
+
+
+def make_example(sample: dict, rng: np.random.Generator, task: str | None = None) -> dict:
+    """One stage-3 example of `task` (drawn from TASK_SHARES when None) from a sample."""
+    if task is None:
+        task = str(rng.choice(list(TASK_SHARES), p=list(TASK_SHARES.values())))
+    ex = {"task": task, "image": sample["image"], "region": None, "masks": []}
+    objs = [k for k in range(len(sample["prompts"])) if (sample["inst"] == k).any()]
+    if task in ("region", "what") and objs:
+        k, kind = objs[int(rng.integers(len(objs)))], PROMPT_KINDS[int(rng.integers(4))]
+        o = sample["scene"].objects[k]
+        return {**ex, "region": (kind, sample["prompts"][k][kind]),
+                "prompt": SEGMENT_REGION if task == "region" else WHAT,
+                "answer": SEG if task == "region" else f"{o.color} {o.shape}",
+                "masks": [sample["inst"] == k] if task == "region" else []}
+    if task == "vqa":
+        q, a = sample["qa"][int(rng.integers(len(sample["qa"])))]
+        return {**ex, "prompt": QUESTION.format(q), "answer": a}
+    if task == "caption":
+        return {**ex, "prompt": CAPTION, "answer": sample["caption"]}
+    if task == "visual":
+        return {**ex, "prompt": GENERATE.format(sample["caption"]), "answer": None}
+    r = sample["refs"][int(rng.integers(len(sample["refs"])))]  # refseg (also the fallback)
+    masks = target_masks(sample["inst"], r["targets"])
+    return {**ex, "task": "refseg", "prompt": SEGMENT.format(r["text"]), "masks": masks,
+            "answer": SEG * len(masks) if masks else NO_TARGET}
+
+
+def collate(examples: list[dict], model) -> dict:
+    """Examples -> token ids and labels, images, region prompts and the flat list of target
+    masks, one per `<seg>` in reading order (the order of `FocusLLM.seg_hidden`)."""
+    from focus_ref.data import image_to_tensor
+
+    llm, head = model.llm, model.semantic_head
+    batch = llm.encode([x["prompt"] for x in examples],
+                       [x["answer"] if x["answer"] is not None else head.slots()
+                        for x in examples])  # (B, T) ids, mask, labels
+    reg = [x["region"] for x in examples if x["region"] is not None]
+    maps, kinds = model.region_encoder.rasterize(reg) if reg else (None, None)
+    masks = [torch.from_numpy(m) for x in examples for m in x["masks"]]
+    H = examples[0]["image"].shape[0]
+    return {**batch, "image": torch.stack([image_to_tensor(x["image"]) for x in examples]),
+            "masks": torch.stack(masks) if masks else torch.zeros(0, H, H, dtype=torch.bool),
+            "has_image": torch.tensor([x["task"] != "visual" for x in examples]),
+            "visual": torch.tensor([x["task"] == "visual" for x in examples]),
+            "no_target": torch.tensor([x["task"] == "refseg" and not x["masks"]
+                                       for x in examples]),
+            "region_rows": torch.tensor([x["region"] is not None for x in examples]),
+            "region_maps": maps, "region_kinds": kinds}  # (S, H, W) masks, (B,) flags
+
+
+# ----- the loss ------------------------------------------------------------------------------
+def word_states(llm, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean last-layer state over each row's prompt words (not image / region placeholders,
+    not the answer): the LLM's reading of the expression, (B, T, D) -> (B, D)."""
+    ids = batch["input_ids"]
+    words = batch["attention_mask"].bool() & (batch["labels"] == IGNORE) & (
+        ids != llm.image_id) & (ids != llm.region_id) & (ids != llm.tokenizer.eos_token_id)
+    w = words[..., None].to(hidden.dtype)  # (B, T, 1)
+    return (hidden * w).sum(1) / w.sum(1).clamp_min(1)  # (B, D)
+
+
+def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
+    """Text CE + visual-token CE + (mask BCE + Dice + presence BCE) on the `<seg>` states."""
+    from focus_ref.segmentation import segmentation_loss
+
+    enc, llm, head, t = model.encoder, model.llm, model.semantic_head, cfg.train
+    ids, img_rows, vis = batch["input_ids"], batch["has_image"], batch["visual"]
+    out = enc(batch["image"])  # tokens (B, N, D), features [(B, C_i, H_i, W_i)]
+    with torch.no_grad():  # the frozen ViT's tokens + semantic codebook: visual-token targets
+        codes = model.visual_tokenizer.encode_semantic(out.global_feats[vis]) if vis.any() \
+            else ids.new_zeros(0, head.num_tokens)  # (V, N)
+    rows, region = batch["region_rows"], None
+    if rows.any():  # UniPixel-style region tokens at <region>: (R, T_r, D)
+        region = model.region_encoder([f[rows] for f in out.features], batch["region_maps"],
+                                      batch["region_kinds"])
+    emb = llm.embed(ids, out.tokens[img_rows], region)  # (B, T, D)
+    slots = ids == llm.tokenizer.convert_tokens_to_ids(SLOT)  # (B, T) code positions
+    emb = emb.masked_scatter(slots[..., None], head.embed(codes))  # Janus gen_embed
+    hidden = llm.model.model(inputs_embeds=emb, attention_mask=batch["attention_mask"]
+                             ).last_hidden_state  # (B, T, D)
+    text, acc = next_token_loss(llm.model.lm_head(hidden), batch["labels"].masked_fill(
+        slots, IGNORE))  # the codes are scored by the semantic head below
+    loss, logs = t.w_text * text, {"text": text.item(), "acc": acc}
+    if vis.any():  # visual-token prediction: the state one before each slot predicts it
+        prev = F.pad(slots[:, 1:], (0, 1))  # (B, T)
+        sem = F.cross_entropy(head.head(hidden[prev]), codes.flatten())
+        loss, logs = loss + t.w_visual * sem, {**logs, "visual": sem.item()}
+    # segmentation-aware alignment: every <seg> state -> its target's mask (LISA); the state
+    # that answers "no target" -> presence 0 (GRES)
+    states, b = llm.seg_hidden(hidden, ids)  # (S, D), (S,)
+    first = (batch["labels"] != IGNORE).float().argmax(1)  # (B,) first answer position
+    neg = batch["no_target"].nonzero()[:, 0]  # (Z,) rows answering "no target"
+    states = torch.cat([states, hidden[neg, first[neg] - 1]])  # (S + Z, D)
+    b = torch.cat([b, neg])  # (S + Z,) the row of each state
+    if len(b) == 0:
+        return loss, logs
+    present = torch.arange(len(b), device=b.device) < len(batch["masks"])  # (S + Z,)
+    H = batch["image"].shape[-1]
+    gt = torch.zeros(len(b), H, H, dtype=torch.bool, device=b.device)
+    gt[:len(batch["masks"])] = batch["masks"]  # (S + Z, H, W)
+    maps = None
+    if batch["region_maps"] is not None:  # SAM's dense prompt: the region of the <seg>'s row
+        full = torch.zeros(len(ids), H, H, device=b.device)  # (B, H, W)
+        full[batch["region_rows"]] = batch["region_maps"].to(full)
+        maps = full[b][:, None]  # (S + Z, 1, H, W)
+    logits, presence = model.segmentation(
+        states[:, None], [f[b] for f in out.features], batch["image"][b], maps,
+        text_states=word_states(llm, hidden, batch)[b])  # (S+Z, 1, H, W), (S+Z, 1)
+    seg, seg_logs = segmentation_loss(logits, presence, gt[:, None], present[:, None], cfg)
+    return loss + seg, {**logs, **seg_logs}
+
+
+# ----- the stage -----------------------------------------------------------------------------
+def stage3_multitask(model, cfg: FocusConfig) -> Stage:
+    """Stage 3 as a `train.Stage`: LLM, ConvNeXt, fusion, adapter, region encoder, predictor
+    and semantic head train; batches come from a pool of rendered train scenes, a function of
+    (seed, step) only, so a resumed run repeats them."""
+    from focus_ref.shapesworld import ShapesWorld
+
+    sc, world = cfg.train.stage3, ShapesWorld(cfg.data, "train")
+    pool = [world.sample(i) for i in range(cfg.train.stage3_scenes)]
+
+    def batch_fn(step):
+        rng = np.random.default_rng([cfg.train.seed, step, 3])
+        idx = rng.choice(len(pool), size=sc.batch_size, replace=len(pool) < sc.batch_size)
+        return collate([make_example(pool[i], rng) for i in idx], model)
+
+    def loss_fn(batch):
+        model.encoder.vit.eval()  # frozen parts stay in inference mode
+        model.visual_tokenizer.eval()
+        return stage3_loss(model, batch, cfg)
+
+    enc = model.encoder
+    parts = [model.llm, enc.convnext, enc.fusion, enc.adapter, model.region_encoder,
+             model.segmentation, model.semantic_head]
+    return Stage("stage3_pretrain", _train_only(model, parts), loss_fn, batch_fn, sc,
+                 cfg.train.seed)
+
+
+def stage3(model, cfg: FocusConfig, out_dir, resume: bool = False, progress: bool = True):
+    return fit(model, stage3_multitask(model, cfg), out_dir, resume, progress)
+
+
+# ----- inference: segment and understand ---------------------------------------------------
+@torch.no_grad()
+def segment_masks(model, image: torch.Tensor, expression: str | None = None,
+                  region: tuple | None = None, max_targets: int = 8) -> torch.Tensor:
+    """image (1, 3, H, W) in [-1, 1] + words or a (kind, value) region prompt -> boolean
+    masks (K, H, W), one per `<seg>` the LLM writes whose presence score says "there";
+    K = 0 is the "no target" answer."""
+    enc, llm = model.encoder, model.llm
+    out = enc(image)  # tokens (1, N, D), features
+    rtok = rmaps = None
+    if region is not None:  # the prompt as region tokens (LLM) and dense prompt (decoder)
+        maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
+        rmaps = maps.to(image)  # (1, H, W)
+        rtok = model.region_encoder(out.features, rmaps, kinds.to(image.device))  # (1, R, D)
+    prompt = SEGMENT_REGION if region is not None else SEGMENT.format(expression)
+    batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
+    gen = llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
+                       max_new_tokens=max_targets + 1)
+    pos = [t for t, i in enumerate(gen["ids"][0]) if i == llm.seg_id][:max_targets]
+    if not pos:  # the LLM answered in words: "no target"
+        return torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)
+    states = gen["hidden"][:, pos]  # (1, K, D): the state that wrote each <seg> (LISA)
+    maps = None if rmaps is None else rmaps[:, None].expand(1, len(pos), -1, -1)  # (1, K, H, W)
+    batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)  # the prompt only
+    text = word_states(llm, llm(batch, out.tokens, rtok).hidden, batch)  # (1, D)
+    logits, presence = model.segmentation(states, out.features, image, maps,
+                                          text_states=text)  # (1, K, H, W), (1, K)
+    masks = model.segmentation.to_masks(logits, presence)[0]  # (K, H, W)
+    return masks[masks.flatten(1).any(1)]  # (K', H, W) drop empty answers
+
+
+@torch.no_grad()
+def answer(model, image: torch.Tensor, question: str, max_new_tokens: int = 24) -> str:
+    """image (1, 3, H, W) + a question -> the LLM's greedy answer."""
+    llm = model.llm
+    batch = {k: v.to(image.device) for k, v in llm.encode([QUESTION.format(question)],
+                                                          padding_side="left").items()}
+    return llm.generate(batch, image_tokens=model.encoder(image).tokens,
+                        max_new_tokens=max_new_tokens)["texts"][0]

@@ -1,0 +1,269 @@
+"""Stage 3 (focus_ref/pretrain.py), FocusModel.segment / understand and their CLI commands."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from focus_ref import pretrain
+from focus_ref.__main__ import main
+from focus_ref.config import FocusConfig
+from focus_ref.llm import SEG
+from focus_ref.model import FocusModel
+from focus_ref.segmentation import PROMPT_KINDS
+from focus_ref.shapesworld import ShapesWorld
+
+CFG = FocusConfig.tiny()
+H = CFG.data.image_size
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random tiny FocusModel, run on one thread (faster on a shared 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield FocusModel(CFG).eval()
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return ShapesWorld(CFG.data, "val").sample(3)
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path)
+    return path
+
+
+def forced_segs(model, monkeypatch, n: int):
+    """Make the LLM answer with n <seg> tokens (its real states kept): the wiring under test."""
+    real = model.llm.generate
+
+    def fake(batch, **kw):
+        out = real(batch, **kw)
+        h = out["hidden"].repeat(1, n + 1, 1)[:, :max(n, 1)]  # (1, n, D) real states
+        ids = [model.llm.seg_id] * n if n else model.llm.tokenizer("no target")["input_ids"]
+        return {"ids": [ids], "texts": ["?"], "hidden": h}
+
+    monkeypatch.setattr(model.llm, "generate", fake)
+
+
+# ----- examples and the task mix --------------------------------------------------------
+def test_every_task_builds_an_example_with_one_mask_per_seg(model, sample):
+    rng = np.random.default_rng(0)
+    exs = [pretrain.make_example(sample, rng, t) for t in pretrain.TASK_SHARES]
+    for ex in exs:
+        assert (ex["answer"] or "").count(SEG) == len(ex["masks"]), ex["task"]
+    batch = pretrain.collate(exs, model)
+    assert int((batch["input_ids"] == model.llm.seg_id).sum()) == len(batch["masks"]) == 1
+    assert batch["visual"].tolist() == [t == "visual" for t in pretrain.TASK_SHARES]
+    assert batch["region_maps"].shape == (2, H, H)  # region + what
+
+
+def test_several_targets_get_one_seg_each_left_to_right_and_none_says_no_target(sample):
+    refs = {r["type"]: r for r in sample["refs"]}
+    masks = pretrain.target_masks(sample["inst"], refs["multi"]["targets"])
+    assert len(masks) >= 2
+    xs = [np.nonzero(m)[1].mean() for m in masks]
+    assert xs == sorted(xs)  # the <seg>s are written left to right
+    assert pretrain.target_masks(sample["inst"], refs["none"]["targets"]) == []
+    s = {**sample, "refs": [refs["none"]]}
+    ex = pretrain.make_example(s, np.random.default_rng(0), "refseg")
+    assert ex["answer"] == pretrain.NO_TARGET and ex["masks"] == []
+
+
+def test_stage3_loss_has_every_term_and_trains_the_right_parts(model, sample):
+    cfg = FocusConfig.tiny()
+    cfg.train.stage3_scenes, cfg.train.stage3.batch_size = 16, 12
+    stage = pretrain.stage3_multitask(model, cfg)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("llm.") for n in names) and any("convnext" in n for n in names)
+    assert not any(n.startswith(("encoder.vit.", "visual_tokenizer.", "diffusion."))
+                   for n in names)  # frozen: the semantic codes keep their meaning
+    rng = np.random.default_rng(0)
+    batch = pretrain.collate([pretrain.make_example(sample, rng, t)
+                              for t in pretrain.TASK_SHARES], model)  # every task once
+    loss, logs = stage.loss_fn(batch)
+    assert torch.isfinite(loss)
+    assert {"text", "visual", "mask_bce", "mask_dice", "presence"} <= set(logs)
+    assert torch.equal(stage.batch_fn(5)["input_ids"], stage.batch_fn(5)["input_ids"])
+    model.requires_grad_(False)
+
+
+def test_a_few_dozen_stage3_steps_lower_the_loss_on_a_fixed_batch(model):
+    import copy
+
+    m = copy.deepcopy(model).train()
+    cfg = FocusConfig.tiny()
+    cfg.train.stage3_scenes, cfg.train.stage3.batch_size = 8, 8
+    stage = pretrain.stage3_multitask(m, cfg)
+    batch = stage.batch_fn(0)
+    opt = torch.optim.AdamW(stage.params, lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss, _ = stage.loss_fn(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+# ----- FocusModel.segment / understand ----------------------------------------------------
+def test_several_targets_give_several_masks_and_no_target_none(model, sample, monkeypatch):
+    seg = model.segmentation
+    bias = seg.presence_head.proj_out.bias
+    with torch.no_grad():
+        bias += 20  # presence says "there" for any state
+    try:
+        forced_segs(model, monkeypatch, 3)
+        masks = model.segment(sample["image"], expression="all circles")
+        assert len(masks) == 3 and all(m.shape == (H, H) and m.dtype == bool for m in masks)
+        forced_segs(model, monkeypatch, 0)
+        assert model.segment(sample["image"], expression="the pink star") == []
+        with torch.no_grad():
+            bias -= 40  # presence says "empty": the <seg>s give no mask (GRES)
+        forced_segs(model, monkeypatch, 2)
+        assert model.segment(sample["image"], expression="all circles") == []
+    finally:
+        with torch.no_grad():
+            bias += 20
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_each_region_prompt_kind_reaches_the_llm_and_the_decoder(model, sample, kind,
+                                                                  monkeypatch):
+    seen = {}
+    enc, seg = model.region_encoder, model.segmentation
+    real_enc, real_seg = enc.forward, seg.forward
+
+    def spy_enc(features, maps, kinds):
+        seen["kind"] = PROMPT_KINDS[int(kinds[0])]
+        return real_enc(features, maps, kinds)
+
+    def spy_seg(states, features, image, region_maps=None, **kw):
+        seen["dense"] = None if region_maps is None else region_maps.sum().item()
+        return real_seg(states, features, image, region_maps, **kw)
+
+    monkeypatch.setattr(enc, "forward", spy_enc)
+    monkeypatch.setattr(seg, "forward", spy_seg)
+    forced_segs(model, monkeypatch, 1)
+    masks = model.segment(sample["image"], **{kind: sample["prompts"][0][kind]})
+    assert seen["kind"] == kind and seen["dense"] > 0  # region tokens + SAM's dense prompt
+    assert len(masks) <= 1 and all(m.shape == (H, H) for m in masks)
+
+
+def test_save_and_load_give_identical_segment_and_understand(model, saved, sample,
+                                                            monkeypatch):
+    loaded = FocusModel.from_pretrained(saved)
+    assert model.understand(sample["image"], "how many objects are there?") == \
+        loaded.understand(sample["image"], "how many objects are there?")
+    for m in (model, loaded):
+        with torch.no_grad():
+            m.segmentation.presence_head.proj_out.bias += 20
+    try:
+        outs = []
+        for m in (model, loaded):
+            forced_segs(m, monkeypatch, 2)
+            outs.append(m.segment(sample["image"], expression="all circles")
+                        + m.segment(sample["image"], click=sample["prompts"][0]["click"]))
+        assert len(outs[0]) == len(outs[1]) >= 1
+        assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    finally:
+        with torch.no_grad():
+            model.segmentation.presence_head.proj_out.bias -= 20
+
+
+def test_segment_latency_is_interactive(model, sample):
+    import time
+
+    model.segment(sample["image"], expression="the red circle")  # warm-up
+    t = time.perf_counter()
+    for _ in range(3):
+        model.segment(sample["image"], click=sample["prompts"][0]["click"])
+    assert (time.perf_counter() - t) / 3 < 1.0  # generous here; bench reports the real number
+
+
+BAD = [
+    ({"click": (70, 3)}, "outside"),
+    ({"box": (0, 0, 64, 10)}, "outside"),
+    ({"box": (30, 30, 10, 10)}, "swapped corners"),
+    ({"scribble": [(3, 3)]}, "at least 2 points"),
+    ({"mask": np.zeros((H, H), bool)}, "empty"),
+    ({"mask": np.ones((8, 8), bool)}, "does not match"),
+    ({"expression": "  "}, "empty expression"),
+    ({"expression": "x", "click": (3, 3)}, "exactly one"),
+    ({}, "exactly one"),
+]
+
+
+@pytest.mark.parametrize("kwargs,words", BAD)
+def test_bad_region_input_is_one_clear_error(model, sample, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        model.segment(sample["image"], **kwargs)
+
+
+def test_unreadable_image_and_empty_question_are_clear_errors(model, sample, tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="cannot read the image"):
+        model.segment(str(bad), expression="the red circle")
+    with pytest.raises(ValueError, match="uint8"):
+        model.understand(np.zeros((4, 4)), "how many?")
+    with pytest.raises(ValueError, match="empty question"):
+        model.understand(sample["image"], "")
+
+
+# ----- CLI --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_file(sample, tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray(sample["image"]).save(path)
+    return path
+
+
+def test_cli_segment_and_understand(saved, image_file, sample, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    for opt in (["--expression", "the red circle"], ["--click", "20,30"],
+                ["--box", "10,10,30,30"], ["--scribble", "10,10;20,20"]):
+        assert main(["segment", "--checkpoint", str(saved), "--image", str(image_file),
+                     *opt, "--out", str(out)]) == 0
+        assert np.asarray(Image.open(out)).shape == (H, H)
+    mask_png = tmp_path / "prompt.png"
+    Image.fromarray((sample["inst"] == 0).astype(np.uint8) * 255).save(mask_png)
+    assert main(["segment", "--checkpoint", str(saved), "--image", str(image_file),
+                 "--mask", str(mask_png), "--out", str(out)]) == 0
+    assert main(["understand", "--checkpoint", str(saved), "--image", str(image_file),
+                 "--question", "how many objects are there?"]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("opt,words", [
+    (["--click", "99,3"], "outside"), (["--box", "30,30,10,10"], "swapped"),
+    (["--scribble", "3,3"], "at least 2 points"), (["--expression", ""], "empty expression"),
+    (["--click", "a,b"], "integers")])
+def test_cli_bad_input_is_one_line_and_exit_2(saved, image_file, tmp_path, capsys, opt, words):
+    code = main(["segment", "--checkpoint", str(saved), "--image", str(image_file), *opt,
+                 "--out", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_cli_missing_checkpoint_and_image_name_the_fix(saved, image_file, tmp_path, capsys):
+    assert main(["understand", "--checkpoint", str(tmp_path / "none"), "--image",
+                 str(image_file), "--question", "how many?"]) == 2
+    assert "python -m focus_ref train --preset tiny" in capsys.readouterr().err
+    assert main(["understand", "--checkpoint", str(saved), "--image", str(tmp_path / "x.png"),
+                 "--question", "how many?"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_help_lists_segment_and_understand(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "--scribble" in capsys.readouterr().out
