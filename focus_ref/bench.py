@@ -109,16 +109,12 @@ def run_bench(checkpoint=None, train_run=None, repeats: int = 5, progress: bool 
         warnings.simplefilter("ignore")  # "no edit made" from an untrained model
         for name, fn in calls.items():
             out[f"latency.{name}_s"] = median_seconds(fn, repeats=repeats)
-    # training throughput: the richest stage this version has (3 if present, else 4)
-    from focus_ref import train
+    # training throughput: a stage-3 step (the multimodal task mix, pretrain.py)
+    from focus_ref.pretrain import stage3_multitask
 
     trainee = copy.deepcopy(model).train()
-    try:
-        from focus_ref.pretrain import stage3_multitask as make_stage  # stage 3 (issue 5)
-        name = "stage3"
-    except ImportError:
-        make_stage, name = train.stage4_edit, "stage4"
-    stage = make_stage(trainee, cfg)
+    name = "stage3"
+    stage = stage3_multitask(trainee, cfg)
     out.update(train_throughput(stage_step(stage), stage.cfg.batch_size, steps=repeats))
     out["train.stage"] = name
     del trainee

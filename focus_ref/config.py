@@ -187,6 +187,7 @@ class TrainConfig:
         steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
     stage3_scenes: int = 2000  # stage 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
+    stage4_rehearsal: int = 4  # stage 4: stage-3 examples per step (against forgetting)
     stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
         steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))
     w_text: float = 1.0  # text cross-entropy

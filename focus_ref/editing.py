@@ -39,12 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from focus_ref.config import FocusConfig
 from focus_ref.encoder import num_image_tokens
-from focus_ref.llm import BOI, EOI, IGNORE, SEG, next_token_loss
+from focus_ref.llm import BOI, EOI
 
 EDIT, EDIT_REGION = "<image> edit: {}", "<image> <region> edit: {}"
 GENERATE = "generate: {}"
@@ -66,7 +65,7 @@ class SemanticHead(nn.Module):
         return BOI + SLOT * self.num_tokens + EOI  # the answer part that holds the codes
 
 
-# ----- stage 4 examples ------------------------------------------------------------------
+# ----- instructions from ShapesWorld samples (stage 4: instruct.py) ------------------------------------------------------------------
 def describe_target(sample: dict) -> str | None:
     """The words an edit instruction uses for its object ("the red circle"), if any."""
     from focus_ref.shapesworld import phrase, unique_attrs
@@ -83,131 +82,10 @@ def absent_instruction(sample: dict) -> str:
     return sample["edit"]["instruction"].replace(describe_target(sample), absent)
 
 
-def make_example(sample: dict, rng: np.random.Generator, cfg: FocusConfig) -> dict:
-    """One stage-4 example from a ShapesWorld sample: an edit (by words or by a region
-    prompt), an edit naming an absent object, a text that is no edit, or a generation."""
-    e, ec = sample["edit"], cfg.edit
-    ex = {"source": sample["image"], "goal": e["target_image"], "region": e["region"],
-          "prompt_region": None, "task": "edit"}
-    desc, u = describe_target(sample), rng.random()
-    if u < ec.share_generate:  # text -> image; the caption is dropped sometimes (CFG)
-        cap = "" if rng.random() < ec.caption_dropout else sample["caption"]
-        return {**ex, "task": "generate", "prompt": GENERATE.format(cap), "goal": sample["image"],
-                "region": np.ones_like(e["region"])}
-    u = (u - ec.share_generate) / (1 - ec.share_generate)
-    if desc and u < ec.share_absent:  # the instruction names an object that is not there
-        return {**ex, "task": "refuse", "prompt": EDIT.format(absent_instruction(sample)),
-                "answer": NO_OBJECT}
-    if u < ec.share_absent + ec.share_not_edit:  # a question or a caption is no edit
-        text = sample["caption"] if rng.random() < 0.5 else sample["qa"][0][0]
-        return {**ex, "task": "refuse", "prompt": EDIT.format(text), "answer": NOT_AN_EDIT}
-    if desc and rng.random() < ec.share_region:  # "make this blue" + a click / box / ...
-        kind = ("click", "box", "scribble", "mask")[int(rng.integers(4))]
-        p = sample["prompts"][e["target_object"]][kind]
-        return {**ex, "prompt": EDIT_REGION.format(e["instruction"].replace(desc, "this")),
-                "prompt_region": (kind, p)}
-    return {**ex, "prompt": EDIT.format(e["instruction"])}
-
-
-def collate(examples: list[dict], model) -> dict:
-    """Examples -> token ids (slots marked), images, regions and region prompts."""
-    from focus_ref.data import image_to_tensor
-
-    head, llm = model.semantic_head, model.llm
-    answers = {"edit": SEG + head.slots(), "generate": head.slots()}
-    batch = llm.encode([x["prompt"] for x in examples],
-                       [answers.get(x["task"]) or x["answer"] for x in examples])
-    reg = [x["prompt_region"] for x in examples if x["prompt_region"] is not None]
-    maps, kinds = model.region_encoder.rasterize(reg) if reg else (None, None)
-    return {**batch,
-            "task": [x["task"] for x in examples],
-            "source": torch.stack([image_to_tensor(x["source"]) for x in examples]),
-            "goal": torch.stack([image_to_tensor(x["goal"]) for x in examples]),
-            "region": torch.stack([torch.from_numpy(x["region"]) for x in examples]),
-            "region_rows": torch.tensor([x["prompt_region"] is not None for x in examples]),
-            "region_maps": maps, "region_kinds": kinds}  # (B, T) ids..., (B, 3, H, W) x2
-
-
-# ----- stage 4 loss: text + semantic codes + segmentation + diffusion, jointly -------------
-def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
-    """One joint step: text CE (incl. <seg> / refusals), semantic-code CE, mask BCE + Dice on
-    the edit region, and the decoder's denoising loss conditioned on the PREDICTED mask."""
-    from focus_ref.segmentation import segmentation_loss
-
-    enc, llm, tok, dec, head = (model.encoder, model.llm, model.visual_tokenizer,
-                                model.diffusion, model.semantic_head)
-    ids, task = batch["input_ids"], batch["task"]
-    has_img = torch.tensor([t != "generate" for t in task], device=ids.device)  # (B,)
-    slot_rows = torch.tensor([t in ("edit", "generate") for t in task], device=ids.device)
-    edit_rows = torch.tensor([t == "edit" for t in task], device=ids.device)
-    with torch.no_grad():  # frozen encoder and tokenizer: inputs and targets
-        src = enc(batch["source"])  # tokens (B, N, D), features [(B, C_i, H_i, W_i)]
-        codes = tok.encode_semantic(enc.vanilla(batch["goal"]))  # (B, N) the goal's codes
-    feats = [f[has_img] for f in src.features]
-    region = None
-    if batch["region_maps"] is not None:  # UniPixel-style region tokens at <region>
-        rf = [f[batch["region_rows"]] for f in src.features]
-        region = model.region_encoder(rf, batch["region_maps"], batch["region_kinds"])
-    emb = llm.embed(ids, src.tokens[has_img], region)  # (B, T, D)
-    slots = ids == llm.tokenizer.convert_tokens_to_ids(SLOT)  # (B, T) code positions
-    emb = emb.masked_scatter(slots[..., None], head.embed(codes[slot_rows]))  # (B, T, D)
-    hidden = llm.model.model(inputs_embeds=emb, attention_mask=batch["attention_mask"]
-                             ).last_hidden_state  # (B, T, D)
-    labels = batch["labels"].masked_fill(slots, IGNORE)  # codes are scored by the head below
-    text, acc = next_token_loss(llm.model.lm_head(hidden), labels)
-    prev = F.pad(slots[:, 1:], (0, 1))  # (B, T): the state one before each slot predicts it
-    sem_logits = head.head(hidden[prev])  # (S, K)
-    sem = F.cross_entropy(sem_logits, codes[slot_rows].flatten())
-    sem_acc = (sem_logits.argmax(-1) == codes[slot_rows].flatten()).float().mean().item()
-    loss = cfg.train.w_text * text + cfg.train.w_visual * sem
-    logs = {"text": text.item(), "acc": acc, "sem": sem.item(), "sem_acc": sem_acc}
-    if edit_rows.any():  # the <seg> state -> the edit region (LISA: the state before <seg>)
-        s_states, _ = llm.seg_hidden(hidden[edit_rows], ids[edit_rows])  # (E, D)
-        e_img = edit_rows[has_img]  # edit rows among the rows with an image
-        maps = _region_maps(batch, edit_rows)  # (E, 1, H, W) or None
-        logits, presence = model.segmentation(s_states[:, None], [f[e_img] for f in feats],
-                                              batch["source"][edit_rows], maps)  # (E,1,H,W),(E,1)
-        gt = batch["region"][edit_rows][:, None]  # (E, 1, H, W)
-        seg, seg_logs = segmentation_loss(logits, presence, gt, torch.ones_like(presence,
-                                          dtype=torch.bool), cfg)
-        loss, logs = loss + seg, {**logs, **seg_logs}
-    # the decoder: goal latent from source latent + mask + (codes, LLM states of the prompt
-    # and of the codes); right padding: each prompt fills the first positions of its row
-    states = hidden[slots].view(-1, head.num_tokens, hidden.shape[-1])  # (R, N, D)
-    prompt = (batch["labels"] == IGNORE) & batch["attention_mask"].bool()  # (B, T)
-    Tp = int(prompt.sum(1).max())
-    ctx = dec.make_context(sem_codes=codes[slot_rows], llm_states=context_states(
-        states, hidden[slot_rows, :Tp], prompt[slot_rows, :Tp]))  # (R, L, D_ctx)
-    mask = batch["region"][slot_rows].float()  # (R, H, W) generation: everywhere
-    if edit_rows.any():  # edits: the PREDICTED mask is the spatial prompt (GT only if empty)
-        pred = (logits[:, 0] > 0).detach().float()  # (E, H, W)
-        empty = pred.flatten(1).amax(1) == 0
-        pred[empty] = batch["region"][edit_rows][empty].float()
-        mask[edit_rows[slot_rows]] = pred
-    with torch.no_grad():
-        goal = tok.quantized_latent(batch["goal"][slot_rows])  # (R, C, h, w)
-        source = tok.quantized_latent(batch["source"][slot_rows])  # (R, C, h, w)
-        source = source * has_img[slot_rows, None, None, None]  # generation: no source
-    diff, dlogs = dec.loss(goal, source, mask, ctx)
-    loss = loss + cfg.edit.w_diffusion * diff
-    return loss, {**logs, **{f"dec_{k}": v for k, v in dlogs.items()}}
-
-
 def context_states(code_states, prompt_states, prompt_mask) -> torch.Tensor:
     """The LLM states the decoder reads beside the codes: those at the prompt (padding
     zeroed) and at the generated codes (Emu-style conditioning), (R, T + N, D)."""
     return torch.cat([prompt_states * prompt_mask[..., None], code_states], 1)  # (R, T+N, D)
-
-
-def _region_maps(batch: dict, rows: torch.Tensor) -> torch.Tensor | None:
-    """The rasterised region prompt of each selected row (zeros where words only): SAM's dense
-    prompt for the mask decoder, (E, 1, H, W)."""
-    if batch["region_maps"] is None:
-        return None
-    H = batch["region"].shape[-1]
-    full = torch.zeros(len(rows), H, H, device=rows.device)  # (B, H, W)
-    full[batch["region_rows"]] = batch["region_maps"].to(full.device)
-    return full[rows][:, None]  # (E, 1, H, W)
 
 
 # ----- inference ---------------------------------------------------------------------------
@@ -313,7 +191,7 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
     from focus_ref.data import tensor_to_image
     from focus_ref.diffusion import edit_image
 
-    enc, llm, head = model.encoder, model.llm, model.semantic_head
+    enc, llm = model.encoder, model.llm
     dev, B = images.device, len(images)
     regions = regions or [None] * B
     out = enc(images)  # tokens (B, N, D), features

@@ -111,7 +111,8 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else _to(v, device) if isinstance(v, dict)
+            else v for k, v in batch.items()}  # nested: stage 4's rehearsal batch
 
 
 # ----- checkpoints: safetensors only, nothing is unpickled -------------------------------
@@ -442,71 +443,4 @@ def caption_accuracy(model: nn.Module, cfg, n: int = 256, split: str = "val",
         tokens = enc(images[:n_generate].to(dev)).tokens if with_image else None
         res["captions"] = llm.generate(batch, image_tokens=tokens, max_new_tokens=64)["texts"]
         res["exact_match"] = sum(a == b for a, b in zip(res["captions"], caps)) / n_generate
-    return res
-
-
-# ===== Stage 4: instruction tuning for region-controlled editing ============================
-# Paper §3.5 stage 4: the LLM, the segmentation predictor and the diffusion decoder learn
-# together on edit instructions. The LLM writes <seg> (its state -> the edit region) and the
-# semantic codes of the edited image; the decoder renders them conditioned on the PREDICTED
-# mask, so it learns to work with the masks it will get at inference. A share of the batch is
-# text -> image generation, edits by region prompt ("make this blue" + a click), and
-# instructions to refuse ("no such object"). Encoders and tokenizer stay frozen. The loss
-# lives in editing.py; examples come from fresh ShapesWorld scenes, a function of the step.
-def stage4_edit(model: nn.Module, cfg, parts: list | None = None,
-                name: str = "stage4_edit") -> Stage:
-    import numpy as np
-
-    from focus_ref.editing import collate, edit_loss, make_example
-    from focus_ref.shapesworld import ShapesWorld
-
-    sc, world = cfg.train.stage4, ShapesWorld(cfg.data, "train")
-
-    def batch_fn(step):
-        rng = np.random.default_rng([cfg.train.seed, step, 4])
-        idx = range(step * sc.batch_size, (step + 1) * sc.batch_size)  # fresh scenes
-        return collate([make_example(world.sample(i), rng, cfg) for i in idx], model)
-
-    def loss_fn(batch):
-        model.encoder.eval()  # frozen parts stay in inference mode
-        model.visual_tokenizer.eval()
-        return edit_loss(model, batch, cfg)
-
-    parts = parts or [model.llm, model.semantic_head, model.segmentation, model.region_encoder,
-                      model.diffusion]
-    return Stage(name, _train_only(model, parts), loss_fn, batch_fn, sc, cfg.train.seed)
-
-
-def stage4(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:
-    return fit(model, stage4_edit(model, cfg), out_dir, resume, progress)
-
-
-def mask_ablation(model: nn.Module, cfg, out_dir, n_val: int = 64, resume: bool = False,
-                  progress: bool = True, models: dict | None = None) -> dict:
-    """The paper's ablation in miniature: the decoder's region condition as an explicit mask
-    channel vs learned mask-token embeddings (cfg.diffusion.mask_condition). For each, a fresh
-    decoder (same seed) learns edits for cfg.train.stage4_ablation steps from the frozen LLM's
-    codes and states and the PREDICTED masks; judged on held-out edits without compositing, so
-    change leaking outside the region shows. Returns {mode: edit_quality(...)}; pass a dict
-    as `models` to get the two trained copies back in it."""
-    import copy
-
-    from focus_ref.diffusion import DiffusionDecoder
-    from focus_ref.editing import edit_quality
-    from focus_ref.shapesworld import ShapesWorld
-
-    val = [ShapesWorld(cfg.data, "val").sample(i) for i in range(n_val)]
-    res = {}
-    for mode in ("explicit", "tokens"):
-        c = copy.deepcopy(cfg)
-        c.diffusion.mask_condition, c.train.stage4 = mode, cfg.train.stage4_ablation
-        c.edit.share_generate = c.edit.share_absent = c.edit.share_not_edit = 0.0  # edits only
-        m = copy.deepcopy(model)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights for both
-        m.diffusion = DiffusionDecoder(c).to(m.device)
-        m.diffusion.latent_scale.copy_(model.diffusion.latent_scale)
-        fit(m, stage4_edit(m, c, [m.diffusion], f"ablation_{mode}"), out_dir, resume, progress)
-        res[mode] = edit_quality(m, val, seed=cfg.train.seed, composite=False)
-        if models is not None:  # the trained copies, for figures
-            models[mode] = m
     return res

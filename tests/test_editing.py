@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from focus_ref import editing as E
-from focus_ref import train as T
+from focus_ref import instruct as I
 from focus_ref.config import FocusConfig
 from focus_ref.model import FocusModel
 from focus_ref.shapesworld import ShapesWorld
@@ -59,12 +59,12 @@ def force_edit(model, monkeypatch, mask):
 # ----- examples and the joint loss ---------------------------------------------------------
 def test_examples_cover_every_task_and_are_deterministic(cfg, val):
     rng = lambda: np.random.default_rng(3)  # noqa: E731
-    a = [E.make_example(s, r, cfg) for s, r in zip(val * 8, [rng()] * 64)]
+    a = [I.make_example(s, r, cfg) for s, r in zip(val * 8, [rng()] * 64)]
     r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
-    assert [E.make_example(s, r1, cfg)["prompt"] for s in val] == \
-        [E.make_example(s, r2, cfg)["prompt"] for s in val]
+    assert [I.make_example(s, r1, cfg)["prompt"] for s in val] == \
+        [I.make_example(s, r2, cfg)["prompt"] for s in val]
     r = np.random.default_rng(0)
-    exs = [E.make_example(s, r, cfg) for s in val * 12]
+    exs = [I.make_example(s, r, cfg) for s in val * 12]
     tasks = {x["task"] for x in exs}
     assert tasks == {"edit", "generate", "refuse"}
     for x in exs:
@@ -88,10 +88,10 @@ def test_absent_instruction_names_an_object_not_in_the_scene(val):
 
 def test_joint_loss_reaches_every_trained_part_and_uses_the_predicted_mask(cfg, model, val):
     r = np.random.default_rng(1)
-    exs = [E.make_example(s, r, cfg) for s in val[:4]]
-    exs[0] = {**E.make_example(val[0], np.random.default_rng(0), cfg), "task": "edit",
+    exs = [I.make_example(s, r, cfg) for s in val[:4]]
+    exs[0] = {**I.make_example(val[0], np.random.default_rng(0), cfg), "task": "edit",
               "prompt": E.EDIT.format(val[0]["edit"]["instruction"]), "prompt_region": None}
-    batch = E.collate(exs, model)
+    batch = I.collate(exs, model)
     seen = {}
     orig = model.diffusion.loss
 
@@ -102,7 +102,7 @@ def test_joint_loss_reaches_every_trained_part_and_uses_the_predicted_mask(cfg, 
     model.diffusion.loss = spy
     try:
         model.train()
-        loss, logs = E.edit_loss(model, batch, cfg)
+        loss, logs = I.edit_loss(model, batch, cfg)
     finally:
         del model.diffusion.loss
         model.eval()
@@ -121,10 +121,25 @@ def test_joint_loss_reaches_every_trained_part_and_uses_the_predicted_mask(cfg, 
 
 def test_stage4_batches_are_a_function_of_the_step(cfg, model):
     c = FocusConfig.from_dict({"train": {"stage4": {"batch_size": 4}}})
-    st1, st2 = T.stage4_edit(model, c), T.stage4_edit(model, c)
+    st1, st2 = I.stage4_edit(model, c), I.stage4_edit(model, c)
     b1, b2 = st1.batch_fn(3), st2.batch_fn(3)
     assert torch.equal(b1["input_ids"], b2["input_ids"]) and b1["task"] == b2["task"]
     assert not torch.equal(b1["source"], st1.batch_fn(4)["source"])
+    model.eval()
+
+
+def test_stage4_rehearses_stage3_tasks_and_the_ablation_does_not(cfg, model):
+    c = FocusConfig.from_dict({"train": {"stage4": {"batch_size": 4}, "stage4_rehearsal": 3}})
+    st = I.stage4_edit(model, c)
+    batch = st.batch_fn(0)
+    assert len(batch["rehearsal"]["input_ids"]) == 3  # stage-3 examples ride along
+    torch.manual_seed(0)
+    loss, logs = st.loss_fn(batch)
+    assert torch.isfinite(loss) and "s3_text" in logs  # stage-3 loss on the rehearsal rows
+    assert any(k.startswith("dec_") for k in logs)  # + the edit loss as before
+    assert "rehearsal" not in I.stage4_edit(model, c, [model.diffusion], rehearse=False
+                                            ).batch_fn(0)
+    model.zero_grad()
     model.eval()
 
 
