@@ -25,8 +25,10 @@ def test_quick_main_job_writes_a_complete_run_folder(tmp_path):
         assert (out / f).is_file(), f
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
-    for key in ("tokenizer.psnr", "tokenizer.code_usage", "edit.success", "edit.bg_psnr",
-                "gen.attr_acc", "time.stage0_min", "time.stage4_min"):
+    for key in ("refseg.ciou", "refseg.giou", "gres.n_acc", "gres.t_acc", "region.miou",
+                "vqa.acc", "tokenizer.psnr", "tokenizer.code_usage", "edit.success",
+                "edit.bg_psnr", "gen.attr_acc", "time.stage0_min", "time.stage3_min",
+                "time.stage4_min"):  # every DESIGN §6 key, and each stage's minutes
         assert key in saved, key
     assert "| `edit.success` |" in (out / "report.md").read_text()
     # an existing run is never overwritten without --resume: one line, exit status 2
