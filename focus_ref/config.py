@@ -186,7 +186,8 @@ class TrainConfig:
     stage3: StageConfig = field(default_factory=lambda: StageConfig(  # multimodal pretraining
         steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
     stage3_scenes: int = 2000  # stage 3: ShapesWorld train scenes rendered once, reused
-    stage4: StageConfig = field(default_factory=StageConfig)  # region-controlled editing
+    stage4: StageConfig = field(default_factory=lambda: StageConfig(  # region-controlled editing
+        steps=300, lr=1e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=100))
     stage4_rehearsal: int = 4  # stage 4: stage-3 examples per step (against forgetting)
     stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
         steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))

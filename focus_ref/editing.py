@@ -43,7 +43,7 @@ from torch import nn
 
 from focus_ref.config import FocusConfig
 from focus_ref.encoder import num_image_tokens
-from focus_ref.llm import BOI, EOI
+from focus_ref.llm import BOI, EOI, IGNORE
 
 EDIT, EDIT_REGION = "<image> edit: {}", "<image> <region> edit: {}"
 GENERATE = "generate: {}"
@@ -190,6 +190,7 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
     region prompt {kind: value}) each. Refused rows come back unchanged with the reason."""
     from focus_ref.data import tensor_to_image
     from focus_ref.diffusion import edit_image
+    from focus_ref.pretrain import word_tokens
 
     enc, llm = model.encoder, model.llm
     dev, B = images.device, len(images)
@@ -225,8 +226,12 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
         codes, states, prefill = write_codes(model, emb2[idx], mask2[idx])  # (E, N), ...
         T = emb.shape[1]  # the prompt: everything before the forced <seg> <boi>
         states = context_states(states, prefill[:, :T], mask[idx])  # (E, T + N, D)
+        sub = {"input_ids": batch["input_ids"][idx], "attention_mask": mask[idx],
+               "labels": torch.full_like(mask[idx], IGNORE)}  # the prompt only
+        words, keep = word_tokens(llm, prefill[:, :T], sub)  # (E, L, D): the words (LAVT)
         logits, presence = model.segmentation(h[idx][:, None], [f[idx] for f in out.features],
-                                              images[idx], rmaps[idx] if rows else None)
+                                              images[idx], rmaps[idx] if rows else None,
+                                              text_states=words, text_mask=keep)
         pred = logits[:, 0] > 0  # (E, H, W)
         empty = (presence[:, 0] <= 0) | (pred.flatten(1).sum(1) == 0)  # nothing to edit
         pred[empty] = True  # placeholder so the batch can run; these rows are refused below

@@ -20,8 +20,9 @@ The task mix, one ShapesWorld sample -> one example (prompt -> answer):
     visual   "generate: <caption>"                    -> <boi> s_1 .. s_N <eoi>, the image's
              N semantic codes (the tokenizer's semantic branch; editing.SemanticHead)
 The `<seg>` state is the hidden state one position *before* each `<seg>` (LISA); with the
-mean state over the prompt's words (`word_states`: at this scale the states before `<seg>`
-nearly coincide, mean cosine 0.94, so alone they barely say which object) it prompts the
+prompt's words, one state per word (`word_tokens`, word-level features as in
+CRIS / LAVT: at this scale the states before `<seg>` nearly coincide, and the mean over the
+words too, mean cosine 0.98, so alone they barely say which object) it prompts the
 SegmentationPredictor, which returns a full-resolution mask and a presence score. The ConvNeXt
 branch trains too (segmentation-aware alignment of the features the predictor reads); the ViT
 and the tokenizer stay frozen, so the semantic codes keep their meaning for stage 4.
@@ -42,7 +43,7 @@ from focus_ref.train import Stage, _train_only, fit
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
 WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
 NO_TARGET = "no target"
-TASK_SHARES = {"refseg": 0.5, "region": 0.25, "what": 0.05, "vqa": 0.12, "caption": 0.03,
+TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
                "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
 
 
@@ -104,14 +105,29 @@ def collate(examples: list[dict], model) -> dict:
 
 
 # ----- the loss ------------------------------------------------------------------------------
-def word_states(llm, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean last-layer state over each row's prompt words (not image / region placeholders,
-    not the answer): the LLM's reading of the expression, (B, T, D) -> (B, D)."""
+def _words(llm, batch: dict) -> torch.Tensor:
+    """(B, T) True at each row's prompt words (not image / region placeholders, not the
+    opening <eos>, not the answer, not padding)."""
     ids = batch["input_ids"]
-    words = batch["attention_mask"].bool() & (batch["labels"] == IGNORE) & (
+    return batch["attention_mask"].bool() & (batch["labels"] == IGNORE) & (
         ids != llm.image_id) & (ids != llm.region_id) & (ids != llm.tokenizer.eos_token_id)
-    w = words[..., None].to(hidden.dtype)  # (B, T, 1)
+
+
+def word_states(llm, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean last-layer state over each row's prompt words: (B, T, D) -> (B, D)."""
+    w = _words(llm, batch)[..., None].to(hidden.dtype)  # (B, T, 1)
     return (hidden * w).sum(1) / w.sum(1).clamp_min(1)  # (B, D)
+
+
+def word_tokens(llm, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's prompt-word states, packed to the front (word-level features, CRIS / LAVT:
+    a mean loses which word says colour, shape or "left of"): (B, T, D) -> states (B, L, D),
+    mask (B, L) with L the most words in a row; the same for left or right padding."""
+    words = _words(llm, batch)  # (B, T)
+    L = max(int(words.sum(1).max()), 1)
+    order = torch.argsort((~words).int(), dim=1, stable=True)[:, :L]  # (B, L) words first
+    states = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L, D)
+    return states, words.gather(1, order)  # (B, L, D), (B, L)
 
 
 def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
@@ -158,9 +174,10 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
         full = torch.zeros(len(ids), H, H, device=b.device)  # (B, H, W)
         full[batch["region_rows"]] = batch["region_maps"].to(full)
         maps = full[b][:, None]  # (S + Z, 1, H, W)
+    words, keep = word_tokens(llm, hidden, batch)  # (B, L, D), (B, L) the expression's words
     logits, presence = model.segmentation(
         states[:, None], [f[b] for f in out.features], batch["image"][b], maps,
-        text_states=word_states(llm, hidden, batch)[b])  # (S+Z, 1, H, W), (S+Z, 1)
+        text_states=words[b], text_mask=keep[b])  # (S+Z, 1, H, W), (S+Z, 1)
     seg, seg_logs = segmentation_loss(logits, presence, gt[:, None], present[:, None], cfg)
     return loss + seg, {**logs, **seg_logs}
 
@@ -220,9 +237,9 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     states = gen["hidden"][:, pos]  # (1, K, D): the state that wrote each <seg> (LISA)
     maps = None if rmaps is None else rmaps[:, None].expand(1, len(pos), -1, -1)  # (1, K, H, W)
     batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)  # the prompt only
-    text = word_states(llm, llm(batch, out.tokens, rtok).hidden, batch)  # (1, D)
-    logits, presence = model.segmentation(states, out.features, image, maps,
-                                          text_states=text)  # (1, K, H, W), (1, K)
+    words, keep = word_tokens(llm, llm(batch, out.tokens, rtok).hidden, batch)  # (1, L, D)
+    logits, presence = model.segmentation(states, out.features, image, maps, text_states=words,
+                                          text_mask=keep)  # (1, K, H, W), (1, K)
     masks = model.segmentation.to_masks(logits, presence)[0]  # (K, H, W)
     return masks[masks.flatten(1).any(1)]  # (K', H, W) drop empty answers
 

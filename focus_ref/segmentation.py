@@ -72,6 +72,13 @@ class SegmentationPredictor(nn.Module):
         # prompt: at this scale the states before <seg> all predict <seg> and nearly coincide
         # (mean cosine 0.94 after stage 3), so alone they barely say *which* object
         self.text_proj = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, s.dim))
+        # word-level language features (CRIS / LAVT): each word's LLM state, normed (the states
+        # share a large common part) and projected; LAVT's pixel-word attention (PWAM) lets
+        # every image cell gather the words about it, fused by an element-wise product
+        self.word_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, s.dim))
+        self.word_attn = nn.MultiheadAttention(s.dim, s.num_heads, batch_first=True)
+        self.word_fuse = nn.Sequential(nn.Linear(s.dim, s.dim), nn.GELU(),
+                                       nn.Linear(s.dim, s.dim))
         # feature pyramid (FPN): 1x1 laterals, coarse-to-fine top-down sum, SAM's neck norm
         self.lateral = nn.ModuleList(nn.Conv2d(c, s.dim, 1) for c in dims[self.level:])
         # + the image's own colours at the decoder grid, so "the red object" can find red
@@ -116,6 +123,11 @@ class SegmentationPredictor(nn.Module):
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(features[self.level:-1])):
             x = lat(f) + F.interpolate(x, size=f.shape[-2:], mode="nearest")  # (B, dim, h, w)
         x = x + self.pixel_lateral(F.adaptive_avg_pool2d(image, x.shape[-2:]))  # (B, dim, h, w)
+        # per-channel spatial normalisation (instance norm) before SAM's per-cell norm: the
+        # CLIP-trained features are mostly one image-wide vector (channel mean 3.4 vs spatial
+        # std 0.28), so after the per-cell norm every cell looked alike (spatial std 0.06) and
+        # words could not pick an object (issue #5; region prompts hid it via the dense prompt)
+        x = F.instance_norm(x)  # (B, dim, h, w): zero mean, unit spread over the cells
         return self.norm(x)  # (B, dim, h, w), h = H / decoder_stride
 
     def dense_pe(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
@@ -143,14 +155,17 @@ class SegmentationPredictor(nn.Module):
 
     def forward(self, seg_states: torch.Tensor, features: list[torch.Tensor], image: torch.Tensor,
                 region_maps: torch.Tensor | None = None, out_size: int | None = None,
-                text_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                text_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """<seg> states (B, K, D_llm), features [(B, C_i, H_i, W_i)], image (B, 3, H, W)
         -> mask logits (B, K, H, W), presence logits (B, K).
 
         region_maps (B, K, H, W), optional: the rasterised region prompt each <seg> answers
         (all zeros where a <seg> answers words only), given to the decoder as SAM's dense prompt.
-        text_states (B, D_llm), optional: the mean LLM state over each row's prompt words, a
-        second sparse prompt token shared by the row's <seg>s.
+        text_states, optional: the LLM's states of each row's prompt words, (B, L, D_llm) with
+        text_mask (B, L) (True = a word, False = padding; default all words), or their mean
+        (B, D_llm). Their mean is a second sparse prompt token shared by the row's <seg>s;
+        per-word states also make the image tokens language-aware (LAVT's PWAM).
         """
         self._check(seg_states, features, image, region_maps)
         B, K = seg_states.shape[:2]
@@ -167,11 +182,18 @@ class SegmentationPredictor(nn.Module):
             has = maps.flatten(1).amax(1).gt(0).view(-1, 1, 1, 1)  # (B*K, 1, 1, 1)
             dense = torch.where(has, self.mask_embed(maps), dense)  # (B*K, dim, h, w)
         pe = self.dense_pe(h, w, img).expand(B * K, -1, -1, -1)  # (B*K, dim, h, w)
+        mean = text_states
+        if text_states is not None and text_states.dim() == 3:  # per-word states (B, L, D)
+            keep = torch.ones(text_states.shape[:2], dtype=torch.bool, device=img.device) \
+                if text_mask is None else text_mask.bool()  # (B, L)
+            wm = keep[..., None].to(text_states.dtype)  # (B, L, 1)
+            mean = (text_states * wm).sum(1) / wm.sum(1).clamp_min(1)  # (B, D)
+            img = img + self._pwam(img, pe[:1], text_states, keep, K)  # (B*K, dim, h, w)
         prompt = self.seg_proj(seg_states).flatten(0, 1)[:, None, None]  # (B*K, 1, 1, dim)
         out = torch.cat([self.presence_token.weight, self.mask_token.weight])  # (2, dim)
         tokens = torch.cat([out.expand(B * K, 1, 2, -1), prompt], 2)  # (B*K, 1, 3, dim)
-        if text_states is not None:  # + the expression's words (B, D) -> (B*K, 1, 1, dim)
-            text = self.text_proj(text_states).repeat_interleave(K, 0)[:, None, None]
+        if mean is not None:  # + the expression's words, pooled (B, D) -> (B*K, 1, 1, dim)
+            text = self.text_proj(mean).repeat_interleave(K, 0)[:, None, None]
             tokens = torch.cat([tokens, text], 2)  # (B*K, 1, 4, dim)
         tokens, keys = self.transformer(tokens, img + dense, pe, attention_similarity=None)
         keys, mask_tok = keys[:, 0], tokens[:, 0, 1]  # (B*K, h*w, dim), (B*K, dim)
@@ -193,6 +215,18 @@ class SegmentationPredictor(nn.Module):
                                   align_corners=False)  # (B, K, size, size)
         presence = self.presence_head(tokens[:, 0, 0]).view(B, K)  # (B, K)
         return masks, presence
+
+    def _pwam(self, img, pe, words, keep, K: int) -> torch.Tensor:
+        """LAVT's pixel-word attention: image (B*K, dim, h, w) cells attend to the words
+        (B, L, D_llm) (padding masked); the gathered language feature times the visual one,
+        projected, is the residual to add, (B*K, dim, h, w)."""
+        n, c, h, w = img.shape
+        q = (img + pe).flatten(2).transpose(1, 2)  # (B*K, h*w, dim)
+        v = self.word_proj(words).repeat_interleave(K, 0)  # (B*K, L, dim)
+        pad = (~keep).repeat_interleave(K, 0)  # (B*K, L) True = ignore
+        lang, _ = self.word_attn(q, v, v, key_padding_mask=pad, need_weights=False)
+        fused = self.word_fuse(lang * img.flatten(2).transpose(1, 2))  # (B*K, h*w, dim)
+        return fused.transpose(1, 2).reshape(n, c, h, w)
 
     @staticmethod
     def to_masks(mask_logits: torch.Tensor, presence_logits: torch.Tensor,

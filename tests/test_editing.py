@@ -45,7 +45,7 @@ def force_edit(model, monkeypatch, mask):
     """Make a random model choose to edit (<seg>) and predict `mask` (H, W) for every row."""
     bias_first_token(model, monkeypatch, 1e4)
 
-    def fake_segment(states, feats, image, maps=None):
+    def fake_segment(states, feats, image, maps=None, **text):
         B = len(states)
         logits = torch.where(torch.as_tensor(mask), 5.0, -5.0).expand(B, 1, *mask.shape)
         return logits.clone(), torch.ones(B, 1)  # (B, 1, H, W), present

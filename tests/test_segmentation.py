@@ -265,3 +265,17 @@ def test_expression_words_are_a_second_prompt_that_changes_the_mask(predictor):
     c, _ = predictor(states, features(), image(), text_states=text.flip(0))
     assert b.shape == a.shape == (2, 3, H, H) and pb.shape == (2, 3)
     assert not torch.allclose(a, b) and not torch.allclose(b, c)
+
+
+def test_per_word_states_steer_the_mask_and_padding_words_are_ignored(predictor):
+    """Word-level prompts (CRIS / LAVT): (B, L, D) states + mask; a row padded with junk
+    words (training batches are padded, inference is not) gives the same mask."""
+    states, words = torch.randn(2, 2, D), torch.randn(2, 4, D)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    a, pa = predictor(states, features(), image(), text_states=words, text_mask=keep)
+    b, _ = predictor(states, features(), image(), text_states=words.flip(1)[:, :2])
+    assert a.shape == (2, 2, H, H) and pa.shape == (2, 2) and not torch.allclose(a, b, atol=1e-4)
+    padded = torch.cat([words, 50 * torch.randn(2, 3, D)], 1)  # (2, 7, D): 3 junk words
+    keep7 = torch.cat([keep, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    c, pc = predictor(states, features(), image(), text_states=padded, text_mask=keep7)
+    assert torch.allclose(a, c, atol=1e-4) and torch.allclose(pa, pc, atol=1e-4)
