@@ -1,0 +1,84 @@
+"""The shipped tiny checkpoint (data_samples/checkpoint): it loads with the current code, meets
+the held-out numbers its metrics.json records (within sampling margin, on fewer scenes), and
+is the default of every CLI command, so a new user's first command shows a real result."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from focus_ref.__main__ import main
+from focus_ref.editing import edit_quality, refusal_quality
+from focus_ref.evaluate import evaluate_model
+from focus_ref.model import FocusModel
+from focus_ref.shapesworld import ShapesWorld
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
+SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
+# Regression floors on 48 held-out scenes, set below what this checkpoint measured there
+# (fp16 on disk; refseg cIoU 0.229, region mIoU 0.779, VQA 0.28, tokenizer 29.2 dB / usage
+# 0.99, edit success 0.062 with background PSNR 49.4 dB, generation 0.19). They catch a
+# checkpoint that no longer loads or works with the current code; they are NOT the issues'
+# targets, several of which this checkpoint misses (README: "What the shipped checkpoint
+# measures"). Tokenizer and background floors are the targets themselves (met).
+FLOORS = {"refseg.ciou": 0.15, "region.miou": 0.65, "vqa.acc": 0.2, "tokenizer.psnr": 28.0,
+          "tokenizer.code_usage": 0.5, "edit.success": 0.02, "edit.bg_psnr": 28.0,
+          "gen.attr_acc": 0.1}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return FocusModel.from_pretrained(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def val():
+    w = ShapesWorld(FocusModel.from_pretrained(SHIPPED).config.data, "val")
+    return [w.sample(i) for i in range(48)]
+
+
+def test_the_checkpoint_is_small_half_precision_and_records_its_run():
+    size = sum(f.stat().st_size for f in SHIPPED.iterdir()) / 2 ** 20
+    assert size <= 25, f"{size:.1f} MB"
+    rec = json.loads((SHIPPED / "metrics.json").read_text())
+    for key in FLOORS:  # every DESIGN §6 key was measured by the main job
+        assert key in rec, key
+    assert "stage4" in json.loads((SHIPPED / "history.json").read_text())
+
+
+def test_held_out_quality_meets_the_floors(model):
+    got = evaluate_model(model, "val", n=48, progress=False)
+    low = {k: (round(got[k], 3), v) for k, v in FLOORS.items() if got[k] < v}
+    assert not low, f"below the floor (measured, floor): {low}"
+
+
+def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, val):
+    q = edit_quality(model, val[:32])
+    assert q["bg_psnr"] >= 28, q  # outside the predicted region the source is kept
+    # absent objects: this checkpoint refuses 0.22 of them (issue 6 asks for all); a floor
+    assert refusal_quality(model, val[:24])["refused"] >= 0.1
+
+
+def test_the_readme_commands_run_on_the_shipped_scene(tmp_path, capsys):
+    """README "Set up and run": every command with its default (shipped) checkpoint."""
+    img = str(SCENE)
+    source = np.asarray(Image.open(SCENE))
+    assert main(["edit", "--image", img, "--instruction", "make the blue object red",
+                 "--out", str(tmp_path / "edit.png")]) == 0
+    edited = np.asarray(Image.open(tmp_path / "edit.png"))
+    assert edited.shape == (64, 64, 3) and not np.array_equal(edited, source)  # an edit was made
+    assert main(["segment", "--image", img, "--expression", "the blue object",
+                 "--out", str(tmp_path / "mask.png")]) == 0
+    assert (np.asarray(Image.open(tmp_path / "mask.png")) > 0).any()
+    assert main(["segment", "--image", img, "--click", "44,24",
+                 "--out", str(tmp_path / "click.png")]) == 0
+    assert (np.asarray(Image.open(tmp_path / "click.png")) > 0)[24, 44]  # the clicked pixel
+    assert main(["understand", "--image", img, "--question",
+                 "how many blue objects are there?"]) == 0
+    assert main(["generate", "--prompt", "a small red circle and a large blue square",
+                 "--out", str(tmp_path / "gen.png")]) == 0
+    assert np.asarray(Image.open(tmp_path / "gen.png")).shape == (64, 64, 3)
+    assert main(["eval", "--n", "2", "--json", str(tmp_path / "m.json")]) == 0
+    assert "edit.success" in json.loads((tmp_path / "m.json").read_text())
