@@ -43,7 +43,7 @@ from torch import nn
 
 from focus_ref.config import FocusConfig
 from focus_ref.encoder import num_image_tokens
-from focus_ref.llm import BOI, EOI, IGNORE
+from focus_ref.llm import BOI, EOI, IGNORE, cache_kwargs, kv_cache
 
 EDIT, EDIT_REGION = "<image> edit: {}", "<image> <region> edit: {}"
 GENERATE = "generate: {}"
@@ -142,9 +142,9 @@ class EditResult:
 
 def _step(llm, emb: torch.Tensor, mask: torch.Tensor, past=None):
     """One cached LLM call on input embeddings (B, t, D) -> (states (B, t, D), cache)."""
-    out = llm.model.model(inputs_embeds=emb, attention_mask=mask, past_key_values=past,
-                          use_cache=True)
-    return out.last_hidden_state, out.past_key_values  # (B, t, D)
+    out = llm.model.model(inputs_embeds=emb, attention_mask=mask, use_cache=True,
+                          **cache_kwargs(llm.model.model, past))
+    return out.last_hidden_state, kv_cache(out)  # (B, t, D), the KV cache
 
 
 def write_codes(model, emb, mask, guidance: float = 1.0, generator=None,

@@ -281,8 +281,8 @@ class FocusLLM(nn.Module):
             if done.all():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)
-            out = self.model.model(input_ids=nxt[:, None], attention_mask=mask,
-                                   past_key_values=out.past_key_values, use_cache=True)
+            out = self.model.model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
+                                   **cache_kwargs(self.model.model, kv_cache(out)))
         ids = torch.stack(ids, 1)  # (B, T_new)
         rows = [r[: (r == eos).nonzero()[0].item()] if (r == eos).any() else r for r in ids]
         texts = [self.tokenizer.decode(r, skip_special_tokens=False).strip() for r in rows]
@@ -313,6 +313,20 @@ class FocusLLM(nn.Module):
         model.resize_token_embeddings(len(self.tokenizer))  # mean-initialised FOCUS tokens
         self.model = model
         return self
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The KV cache as the keyword this transformers version takes: `cache` (5.2x on) or
+    `past_key_values` (earlier 5.x; deprecated, removed in 5.40)."""
+    import inspect
+
+    new = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if new else "past_key_values": cache}
+
+
+def kv_cache(out):
+    """The KV cache a forward returned (`cache` on newer, `past_key_values` on older 5.x)."""
+    return out.cache if "cache" in out else out.past_key_values
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor):
