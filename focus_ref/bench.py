@@ -113,10 +113,9 @@ def run_bench(checkpoint=None, train_run=None, repeats: int = 5, progress: bool 
     from focus_ref.pretrain import stage3_multitask
 
     trainee = copy.deepcopy(model).train()
-    name = "stage3"
     stage = stage3_multitask(trainee, cfg)
     out.update(train_throughput(stage_step(stage), stage.cfg.batch_size, steps=repeats))
-    out["train.stage"] = name
+    out["train.stage"] = "stage3"
     del trainee
     metrics = Path(checkpoint or "", "metrics.json") if checkpoint else None
     if train_run is not None:

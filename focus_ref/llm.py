@@ -30,6 +30,8 @@ padding: only the target (and its closing <eos>) is predicted.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,13 +317,17 @@ class FocusLLM(nn.Module):
         return self
 
 
-def cache_kwargs(model: nn.Module, cache) -> dict:
-    """The KV cache as the keyword this transformers version takes: `cache` (5.2x on) or
-    `past_key_values` (earlier 5.x; deprecated, removed in 5.40)."""
-    import inspect
+@functools.cache
+def _cache_keyword(model_type: type) -> str:
+    """`cache` (transformers 5.2x on) or `past_key_values` (earlier 5.x; removed in 5.40),
+    read once per model class from its forward's signature."""
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters \
+        else "past_key_values"
 
-    new = "cache" in inspect.signature(model.forward).parameters
-    return {"cache" if new else "past_key_values": cache}
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The KV cache as the keyword this transformers version takes."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def kv_cache(out):

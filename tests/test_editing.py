@@ -9,28 +9,8 @@ import pytest
 import torch
 
 from focus_ref import editing as E
-from focus_ref.config import FocusConfig
-from focus_ref.model import FocusModel
-from focus_ref.shapesworld import ShapesWorld
 
 torch.set_num_threads(1)  # 2 threads on 2 busy cores spin
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return FocusConfig.tiny()
-
-
-@pytest.fixture(scope="module")
-def model(cfg):
-    torch.manual_seed(0)
-    return FocusModel(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def val(cfg):
-    w = ShapesWorld(cfg.data, "val")
-    return [w.sample(i) for i in range(8)]
 
 
 def bias_first_token(model, monkeypatch, seg_bias: float):

@@ -34,8 +34,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def val():
-    w = ShapesWorld(FocusModel.from_pretrained(SHIPPED).config.data, "val")
+def val(model):
+    w = ShapesWorld(model.config.data, "val")
     return [w.sample(i) for i in range(48)]
 
 
