@@ -54,6 +54,9 @@ class EncoderConfig:
     vit_out: int = 0  # width of the vanilla tokens (global_feats); 0 = vit_hidden. Qwen2.5-VL's
     #                   patch merger outputs 2048 in the 3B model
     clip_dim: int = 128  # stage-0 contrastive embedding size
+    dense_heads: tuple = (7, 5, 3)  # stage 0c stand-in: classes of the per-pixel colour / shape /
+    #                   size heads on the ConvNeXt (ShapesWorld's, + background); () = none (paper:
+    #                   the released ConvNeXt-L already knows shapes)
 
     @property
     def vit_dim(self) -> int:
@@ -174,7 +177,10 @@ class TrainConfig:
         steps=120, lr=2e-3, batch_size=16, log_every=10, ckpt_every=40))
     stage0_clip: StageConfig = field(default_factory=lambda: StageConfig(  # (b) CLIP encoders
         steps=150, lr=1e-3, batch_size=32, log_every=10, ckpt_every=50))
+    stage0_dense: StageConfig = field(default_factory=lambda: StageConfig(  # (c) dense ConvNeXt
+        steps=1500, lr=5e-3, batch_size=32, warmup=20, log_every=50, ckpt_every=500))
     scene_pool: int = 500  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
+    dense_scenes: int = 2000  # stage 0c: train scenes with per-pixel labels, rendered once
     text_scenes: int = 200  # stage 0a: scenes whose texts (~15 each) form the LM corpus
     lm_seq_len: int = 64  # stage 0a: tokens per packed row
     stage1: StageConfig = field(default_factory=lambda: StageConfig(  # (a) visual tokenizer
@@ -249,7 +255,8 @@ class FocusConfig:
                         "convnext_dims": [192, 384, 768, 1536], "fusion_heads": 16,
                         "adapter_hidden": 2048, "vit_out": 2048,
                         "vit_pretrained": "Qwen/Qwen2.5-VL-3B-Instruct",
-                        "convnext_pretrained": "facebook/convnext-large-224-22k-1k"},
+                        "convnext_pretrained": "facebook/convnext-large-224-22k-1k",
+                        "dense_heads": []},
             "llm": {"hidden_size": 2048, "num_layers": 36, "num_heads": 16, "num_kv_heads": 2,
                     "intermediate_size": 11008, "max_position": 32768,
                     "text_vocab_size": 151665, "rope_theta": 1_000_000.0,

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from focus_ref import instruct, pretrain, train
+from focus_ref import instruct, pretrain, standins, train
 from focus_ref.config import FocusConfig
 
 # Stage 3 (pretrain.py): multimodal pretraining with segmentation-aware alignment.
-STAGES = {0: train.stage0, 1: train.stage1, 2: train.stage2, 3: pretrain.stage3, 4: instruct.stage4}
+STAGES = {0: standins.stage0, 1: train.stage1, 2: train.stage2, 3: pretrain.stage3, 4: instruct.stage4}
 TASKS = ("refseg", "region", "vqa", "tokenizer", "edit", "gen")
 
 

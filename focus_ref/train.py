@@ -3,7 +3,8 @@
 FOCUS trains in four stages: (1) the visual tokenizer and the diffusion decoder; (2) a
 warm-up of the vision-language adapters; (3) multimodal pretraining with
 segmentation-aware alignment; (4) instruction tuning for region-controlled editing. At the
-tiny scale no pretrained backbones exist, so a stage 0 trains stand-ins on ShapesWorld.
+tiny scale no pretrained backbones exist, so a stage 0 trains stand-ins on ShapesWorld
+(standins.py; stages 3 and 4 live in pretrain.py and instruct.py).
 
 Every stage is a `Stage`: which parameters train, a loss, and a batch function that is
 deterministic in the step number. `fit` runs it with accelerate (CPU, one GPU, or
@@ -163,11 +164,7 @@ def _load(model: nn.Module, opt: torch.optim.Optimizer, params: list,
     return meta["step"], meta["history"]
 
 
-# ===== Stage 0: stand-ins for pretrained backbones ==========================================
-# Tiny scale has no pretrained weights, so stage 0 makes them: (a) the LLM learns ShapesWorld
-# text by next-token prediction; (b) both encoders learn CLIP-style to pick an image's caption,
-# against the frozen LLM's caption features (a locked text tower, as LiT). At paper scale
-# stage 0 is "load the released weights" (Qwen2.5, Qwen2.5-VL's ViT, ConvNeXt-L).
+# ===== Shared by the stages: what trains, which samples, rendered pools =====================
 def _train_only(model: nn.Module, modules: list) -> list:
     """Freeze everything, then unfreeze `modules`; returns their parameters."""
     model.requires_grad_(False)
@@ -199,89 +196,6 @@ def caption_pool(cfg, split: str, n: int):
         images = torch.stack([image_to_tensor(shapesworld.render(s)[0]) for s in scenes])
         _POOLS[key] = images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
     return _POOLS[key]
-
-
-def text_pool(cfg, split: str, n: int) -> list:
-    """Every text of n ShapesWorld scenes: captions, questions, answers, expressions, edits."""
-    from focus_ref.shapesworld import ShapesWorld
-
-    key = ("text", json.dumps(vars(cfg.data)), split, n)
-    if key not in _POOLS:
-        _POOLS[key] = ShapesWorld(cfg.data, split).corpus(n)
-    return _POOLS[key]
-
-
-def stage0_lm(model: nn.Module, cfg) -> Stage:
-    """(a) Text pretraining of the LLM on captions, questions, answers, expressions, edits."""
-    llm, sc, L = model.llm, cfg.train.stage0, cfg.train.lm_seq_len
-    texts = text_pool(cfg, "train", cfg.train.text_scenes)
-    eos = llm.tokenizer.eos_token_id
-    ids = llm.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    stream = torch.tensor([i for t in ids for i in [eos] + t] + [eos])  # GPT-style packing
-
-    def batch_fn(step):
-        starts = _picker(cfg, len(stream) - L, step, sc.batch_size)  # (B,)
-        x = stream[starts[:, None] + torch.arange(L)]  # (B, L) windows of the text stream
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-
-    def loss_fn(batch):
-        out = llm(batch)
-        return cfg.train.w_text * out.loss, {"acc": out.accuracy}
-
-    return Stage("stage0_lm", _train_only(model, [llm]), loss_fn, batch_fn, sc, cfg.train.seed)
-
-
-def stage0_clip(model: nn.Module, cfg) -> Stage:
-    """(b) CLIP-style contrastive pretraining of the ViT and ConvNeXt against captions."""
-    enc, sc = model.encoder, cfg.train.stage0_clip
-    images, caps = caption_pool(cfg, "train", cfg.train.scene_pool)
-    model.llm.eval()
-    text = model.llm.text_features(caps).cpu()  # (n, D) the locked text tower, computed once
-
-    def batch_fn(step):
-        idx = _picker(cfg, len(caps), step + 10**6, sc.batch_size)  # (B,)
-        return {"image": images[idx], "text": text[idx]}
-
-    def loss_fn(batch):
-        return enc.contrastive_loss(batch["image"], batch["text"])
-
-    params = _train_only(model, [enc.vit, enc.convnext, enc.clip_head])
-    return Stage("stage0_clip", params, loss_fn, batch_fn, sc, cfg.train.seed)
-
-
-def stage0(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> dict:
-    """Stage 0: (a) then (b) at tiny / small scale; at paper scale, load released weights."""
-    if cfg.llm.pretrained or cfg.encoder.vit_pretrained or cfg.encoder.convnext_pretrained:
-        if cfg.llm.pretrained:
-            model.llm.load_pretrained()
-        model.encoder.load_pretrained()
-        return {"lm": [], "clip": []}
-    hist_lm = fit(model, stage0_lm(model, cfg), out_dir, resume, progress)
-    hist_clip = fit(model, stage0_clip(model, cfg), out_dir, resume, progress)  # reads (a)'s LLM
-    return {"lm": hist_lm, "clip": hist_clip}
-
-
-@torch.no_grad()
-def clip_retrieval(model: nn.Module, cfg, n: int = 256, split: str = "val") -> dict:
-    """Held-out image -> caption retrieval top-1 among n captions, per branch and both."""
-    enc, llm = model.encoder, model.llm
-    enc.eval()
-    llm.eval()
-    images, caps = caption_pool(cfg, split, n)
-    dev = next(enc.parameters()).device
-    t = enc.clip_head.embed_text(llm.text_features(caps))  # (n, d)
-    v, c = [], []
-    for i in range(0, n, 64):
-        out = enc(images[i:i + 64].to(dev), return_pooled=True)
-        vi, ci = enc.clip_head.embed_images(out, out.pooled)  # (b, d), (b, d)
-        v.append(vi)
-        c.append(ci)
-    v, c = torch.cat(v), torch.cat(c)  # (n, d)
-    same = torch.tensor([[a == b for b in caps] for a in caps], device=dev)  # (n, n) equal text
-    res = {"chance": same.float().mean().item(), "n": n}  # a random caption is a right one
-    for name, sim in (("vit", v @ t.T), ("cnn", c @ t.T), ("both", (v + c) @ t.T)):
-        res[f"top1_{name}"] = same[torch.arange(n), sim.argmax(1)].float().mean().item()
-    return res
 
 
 # ===== Stage 1: visual tokenizer, then diffusion decoder ===================================

@@ -84,10 +84,48 @@ def test_contrastive_loss_trains_both_branches(tiny):
     enc.zero_grad()
 
 
+def test_dense_pool_labels_each_pixel_with_its_object():
+    from focus_ref import shapesworld as sw
+    from focus_ref.standins import dense_pool
+
+    cfg = FocusConfig.tiny()
+    images, labels = dense_pool(cfg, "train", 4)
+    assert images.shape == (4, 3, 64, 64) and labels.shape == (4, 3, 64, 64)
+    scene = sw.ShapesWorld(cfg.data, "train").scene(2)
+    inst = torch.from_numpy(sw.render(scene)[1].astype("int64"))
+    for k, o in enumerate(scene.objects):
+        pix = labels[2][:, inst == k]  # (3, n) the classes at object k's visible pixels
+        if pix.numel():
+            assert (pix[0] == list(sw.COLORS).index(o.color)).all()
+            assert (pix[1] == sw.SHAPES.index(o.shape)).all()
+            assert (pix[2] == list(sw.SIZES).index(o.size)).all()
+    bg = labels[2][:, inst == -1]
+    assert (bg == torch.tensor(cfg.encoder.dense_heads)[:, None] - 1).all()  # background class
+    cfg.encoder.dense_heads = (3, 3, 3)
+    with pytest.raises(ValueError, match="dense_heads"):
+        dense_pool(cfg, "train", 4)
+
+
+def test_dense_loss_trains_the_convnext_only(tiny):
+    cfg, enc = tiny
+    enc.zero_grad()
+    labels = torch.stack([torch.randint(k, (2, 64, 64)) for k in cfg.encoder.dense_heads], 1)
+    loss, logs = enc.dense_loss(torch.rand(2, 3, 64, 64) * 2 - 1, labels)  # (B, 3, H, W)
+    loss.backward()
+    assert set(logs) == {"dense_color", "dense_shape", "dense_size"}
+    assert abs(loss.item() - sum(logs.values()) / 3) < 1e-5  # all six terms, both maps
+    assert enc.convnext.embeddings.patch_embeddings.weight.grad.abs().sum() > 0
+    assert enc.vit.embeddings.patch_embedding.weight.grad is None
+    enc.zero_grad()
+
+
 def test_paper_preset_on_meta_device():
     cfg = FocusConfig.paper()
     with init_empty_weights():
         enc = DualEncoder(cfg)
+    assert enc.dense_head is None  # pretrained ConvNeXt-L: no stage 0c
+    with pytest.raises(ValueError, match="dense heads"):
+        enc.dense_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8, dtype=torch.long))
     sizes = {n: sum(p.numel() for p in m.parameters()) for n, m in enc.named_children()}
     assert 660e6 < sizes["vit"] < 680e6  # Qwen2.5-VL-3B vision tower (~669M)
     assert 190e6 < sizes["convnext"] < 200e6  # ConvNeXt-L backbone (~196M)

@@ -2,11 +2,11 @@
 of an uninterrupted run; stage 2 trains only the fusion and the adapter."""
 
 import pytest
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from focus_ref import train
+from focus_ref import standins, train
 from focus_ref.config import FocusConfig
 from focus_ref.encoder import DualEncoder
 from focus_ref.llm import FocusLLM
@@ -38,10 +38,10 @@ class Interrupt(Exception):
 
 def test_resumed_stage_equals_uninterrupted_run(cfg, tmp_path):
     full = Parts(cfg, seed=0)
-    hist_full = train.fit(full, train.stage0_lm(full, cfg), tmp_path / "full", progress=False)
+    hist_full = train.fit(full, standins.stage0_lm(full, cfg), tmp_path / "full", progress=False)
 
     part = Parts(cfg, seed=0)
-    stage = train.stage0_lm(part, cfg)
+    stage = standins.stage0_lm(part, cfg)
     batch_fn = stage.batch_fn
 
     def crash_at_4(step):  # the process dies during step 4, after the step-3 checkpoint
@@ -54,7 +54,7 @@ def test_resumed_stage_equals_uninterrupted_run(cfg, tmp_path):
         train.fit(part, stage, tmp_path / "part", progress=False)
 
     fresh = Parts(cfg, seed=1)  # a new process: different initial weights, then --resume
-    hist = train.fit(fresh, train.stage0_lm(fresh, cfg), tmp_path / "part", resume=True,
+    hist = train.fit(fresh, standins.stage0_lm(fresh, cfg), tmp_path / "part", resume=True,
                      progress=False)
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in hist_full])
     want, got = full.state_dict(), fresh.state_dict()
@@ -76,7 +76,7 @@ def test_stage2_trains_only_fusion_and_adapter(cfg, tmp_path):
 
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(cfg, tmp_path):
     model = Parts(cfg, seed=0)
-    stage = train.stage0_lm(model, cfg)
+    stage = standins.stage0_lm(model, cfg)
     loss_fn = stage.loss_fn
 
     def nan_at_4(batch):  # the loss diverges at step 4, after the step-3 checkpoint
