@@ -190,7 +190,7 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
     region prompt {kind: value}) each. Refused rows come back unchanged with the reason."""
     from focus_ref.data import tensor_to_image
     from focus_ref.diffusion import edit_image
-    from focus_ref.pretrain import word_tokens
+    from focus_ref.pretrain import word_prompts
 
     enc, llm = model.encoder, model.llm
     dev, B = images.device, len(images)
@@ -228,8 +228,9 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
         states = context_states(states, prefill[:, :T], mask[idx])  # (E, T + N, D)
         sub = {"input_ids": batch["input_ids"][idx], "attention_mask": mask[idx],
                "labels": torch.full_like(mask[idx], IGNORE)}  # the prompt only
-        words, keep = word_tokens(llm, prefill[:, :T], sub)  # (E, L, D): the words (LAVT)
-        logits, presence = model.segmentation(h[idx][:, None], [f[idx] for f in out.features],
+        words, keep, mean = word_prompts(llm, emb[idx], sub)  # (E, L, D), (E, L), (E, D)
+        logits, presence = model.segmentation((h[idx] + mean)[:, None],
+                                              [f[idx] for f in out.features],
                                               images[idx], rmaps[idx] if rows else None,
                                               text_states=words, text_mask=keep)
         pred = logits[:, 0] > 0  # (E, H, W)

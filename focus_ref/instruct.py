@@ -132,7 +132,8 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
         s_states, _ = llm.seg_hidden(hidden[edit_rows], ids[edit_rows])  # (E, D)
         e_img = edit_rows[has_img]  # edit rows among the rows with an image
         maps = _region_maps(batch, edit_rows)  # (E, 1, H, W) or None
-        words, keep = pretrain.word_tokens(llm, hidden, batch)  # (B, L, D), (B, L) the words
+        words, keep, mean = pretrain.word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D)
+        s_states = s_states + mean[edit_rows]  # (E, D) as in stage 3
         logits, presence = model.segmentation(
             s_states[:, None], [f[e_img] for f in feats], batch["source"][edit_rows], maps,
             text_states=words[edit_rows], text_mask=keep[edit_rows])  # (E, 1, H, W), (E, 1)

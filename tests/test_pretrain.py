@@ -134,6 +134,25 @@ def test_word_tokens_are_the_same_words_at_train_and_inference(model, sample):
     assert torch.allclose(train_w[-1, :n], inf_w[0], atol=1e-4)
 
 
+
+def test_word_prompts_are_the_expression_word_embeddings_and_their_mean(model, sample):
+    """What the mask decoder reads of the words (issue #5: the LLM's input embeddings, since
+    its last-layer states barely differ between expressions): exactly the expression's word
+    embeddings, in order, and their mean, padded rows included."""
+    llm, rng = model.llm, np.random.default_rng(0)
+    exs = [pretrain.make_example({**sample, "refs": [r]}, rng, "refseg") for r in sample["refs"]]
+    exs.sort(key=lambda x: -len(x["prompt"]))  # the short prompt last: its row is padded
+    batch = pretrain.collate(exs, model)
+    with torch.no_grad():
+        emb = llm.model.get_input_embeddings()(batch["input_ids"])  # (B, T, D)
+        words, keep, mean = pretrain.word_prompts(llm, emb, batch)
+        ids = llm.tokenizer(exs[-1]["prompt"].replace("<image>", ""),
+                            add_special_tokens=False)["input_ids"]
+        own = llm.model.get_input_embeddings()(torch.tensor(ids))  # (n, D)
+    n = len(ids)
+    assert int(keep[-1].sum()) == n and torch.equal(words[-1, :n], own)
+    assert torch.allclose(mean[-1], own.mean(0), atol=1e-6)
+
 # ----- FocusModel.segment / understand ----------------------------------------------------
 def test_several_targets_give_several_masks_and_no_target_none(model, sample, monkeypatch):
     seg = model.segmentation
