@@ -115,12 +115,6 @@ def _words(llm, batch: dict) -> torch.Tensor:
         ids != llm.image_id) & (ids != llm.region_id) & (ids != llm.tokenizer.eos_token_id)
 
 
-def word_states(llm, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean last-layer state over each row's prompt words: (B, T, D) -> (B, D)."""
-    w = _words(llm, batch)[..., None].to(hidden.dtype)  # (B, T, 1)
-    return (hidden * w).sum(1) / w.sum(1).clamp_min(1)  # (B, D)
-
-
 def word_prompts(llm, emb: torch.Tensor, batch: dict):
     """The expression as the mask decoder reads it: each prompt word's LLM input embedding,
     packed (B, L, D) with mask (B, L), and their mean (B, D), which is added to every `<seg>`
