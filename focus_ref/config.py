@@ -112,6 +112,7 @@ class SegmentationConfig:
     region_grid: int = 8  # a region prompt's shape is seen on a grid x grid raster
     prompt_radius: float = 2.0  # pixels: click disc radius, scribble half-width
     w_presence: float = 1.0  # weight of the "object present" BCE (GRES no-target)
+    max_words: int = 32  # learned word positions (a longer expression shares the last one)
 
 
 @dataclass

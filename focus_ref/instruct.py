@@ -141,13 +141,13 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
         seg, seg_logs = segmentation_loss(logits, presence, gt, torch.ones_like(presence,
                                           dtype=torch.bool), cfg)
         loss, logs = loss + seg, {**logs, **seg_logs}
-    # the decoder: goal latent from source latent + mask + (codes, LLM states of the prompt
-    # and of the codes); right padding: each prompt fills the first positions of its row
+    # the decoder: goal latent from source latent + mask + (codes, the prompt's embeddings,
+    # the LLM states at the codes); right padding: each prompt fills its row's first positions
     states = hidden[slots].view(-1, head.num_tokens, hidden.shape[-1])  # (R, N, D)
     prompt = (batch["labels"] == IGNORE) & batch["attention_mask"].bool()  # (B, T)
     Tp = int(prompt.sum(1).max())
     ctx = dec.make_context(sem_codes=codes[slot_rows], llm_states=context_states(
-        states, hidden[slot_rows, :Tp], prompt[slot_rows, :Tp]))  # (R, L, D_ctx)
+        states, emb[slot_rows, :Tp], prompt[slot_rows, :Tp]))  # (R, L, D_ctx)
     mask = batch["region"][slot_rows].float()  # (R, H, W) generation: everywhere
     if edit_rows.any():  # edits: the PREDICTED mask is the spatial prompt (GT only if empty)
         pred = (logits[:, 0] > 0).detach().float()  # (E, H, W)

@@ -11,7 +11,7 @@ mask BCE + Dice, visual-token cross-entropy, weighted by cfg.train.w_*.
 
 The task mix, one ShapesWorld sample -> one example (prompt -> answer):
     refseg   "<image> segment: the red circle"        -> "<seg>" (one per target, left to
-             right) or "no target" (GRES: no <seg>; the presence head learns "empty" there)
+             right); no target -> one "<seg>" whose presence label is 0 (GRES: "empty")
     region   "<image> <region> segment this"          -> "<seg>"   (+ the prompt as SAM's
              dense prompt of the mask decoder)
     what     "<image> <region> what is this?"         -> "red circle"
@@ -28,6 +28,11 @@ nearly coincide (mean cosine 0.98), so alone they barely say which object; with 
 prompt, held-out referring cIoU after stage 3 was 0.22, with the embeddings 0.45. The ConvNeXt
 branch trains too (segmentation-aware alignment of the features the predictor reads); the ViT
 and the tokenizer stay frozen, so the semantic codes keep their meaning for stage 4.
+Why "no target" is the predictor's call and not the LLM's words (measured, issue #5): with
+absent objects worded as present ones are ("the triangle", "the red object"), the LLM, which
+does not yet ground its words in the image at this scale (VQA at chance), answered "no target"
+to 39% of expressions that had one (T-acc 0.61, refseg cIoU 0.19); the presence head reads the
+image and the words.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ from focus_ref.train import Stage, _train_only, fit
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
 WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
-NO_TARGET = "no target"
 TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
                "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
 
@@ -80,7 +84,7 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
     r = sample["refs"][int(rng.integers(len(sample["refs"])))]  # refseg (also the fallback)
     masks = target_masks(sample["inst"], r["targets"])
     return {**ex, "task": "refseg", "prompt": SEGMENT.format(r["text"]), "masks": masks,
-            "answer": SEG * len(masks) if masks else NO_TARGET}
+            "answer": SEG * max(len(masks), 1)}  # no target: one <seg>, presence 0 (GRES)
 
 
 def collate(examples: list[dict], model) -> dict:
@@ -162,29 +166,26 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
         prev = F.pad(slots[:, 1:], (0, 1))  # (B, T)
         sem = F.cross_entropy(head.head(hidden[prev]), codes.flatten())
         loss, logs = loss + t.w_visual * sem, {**logs, "visual": sem.item()}
-    # segmentation-aware alignment: every <seg> state -> its target's mask (LISA); the state
-    # that answers "no target" -> presence 0 (GRES)
-    states, b = llm.seg_hidden(hidden, ids)  # (S, D), (S,)
-    first = (batch["labels"] != IGNORE).float().argmax(1)  # (B,) first answer position
-    neg = batch["no_target"].nonzero()[:, 0]  # (Z,) rows answering "no target"
-    states = torch.cat([states, hidden[neg, first[neg] - 1]])  # (S + Z, D)
-    b = torch.cat([b, neg])  # (S + Z,) the row of each state
+    # segmentation-aware alignment: every <seg> state -> its target's mask (LISA); the <seg>
+    # of a no-target expression -> presence 0 (GRES: the predictor, which sees the image,
+    # says "empty")
+    states, b = llm.seg_hidden(hidden, ids)  # (S, D), (S,) in row and reading order
     if len(b) == 0:
         return loss, logs
-    present = torch.arange(len(b), device=b.device) < len(batch["masks"])  # (S + Z,)
+    present = ~batch["no_target"].to(b.device)[b]  # (S,)
     H = batch["image"].shape[-1]
     gt = torch.zeros(len(b), H, H, dtype=torch.bool, device=b.device)
-    gt[:len(batch["masks"])] = batch["masks"]  # (S + Z, H, W)
+    gt[present] = batch["masks"]  # (S, H, W) one mask per present <seg>, in order
     maps = None
     if batch["region_maps"] is not None:  # SAM's dense prompt: the region of the <seg>'s row
         full = torch.zeros(len(ids), H, H, device=b.device)  # (B, H, W)
         full[batch["region_rows"]] = batch["region_maps"].to(full)
-        maps = full[b][:, None]  # (S + Z, 1, H, W)
+        maps = full[b][:, None]  # (S, 1, H, W)
     words, keep, mean = word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D) the words
-    states = states + mean[b]  # (S + Z, D) each <seg> state + what its expression names
+    states = states + mean[b]  # (S, D) each <seg> state + what its expression names
     logits, presence = model.segmentation(
         states[:, None], [f[b] for f in out.features], batch["image"][b], maps,
-        text_states=words[b], text_mask=keep[b])  # (S+Z, 1, H, W), (S+Z, 1)
+        text_states=words[b], text_mask=keep[b])  # (S, 1, H, W), (S, 1)
     seg, seg_logs = segmentation_loss(logits, presence, gt[:, None], present[:, None], cfg)
     return loss + seg, {**logs, **seg_logs}
 

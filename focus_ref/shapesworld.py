@@ -210,7 +210,12 @@ def referring(scene: Scene, rng: np.random.Generator) -> list[dict]:
     absent = [(c, s) for c in COLORS for s in SHAPES
               if not any(o.color == c and o.shape == s for o in objs)]
     c, s = absent[int(rng.integers(len(absent)))]
-    refs.append({"text": f"the {c} {s}", "targets": [], "type": "none"})  # no target
+    # no target, worded as targets are (GRES): the shape alone if no object has it, else the
+    # colour alone if none has it, else both; always "colour shape" let a model spot the
+    # absent ones by their wording (the old ShapesWorld: N-acc 1.00 from the words alone)
+    text = f"the {s}" if not any(o.shape == s for o in objs) else \
+        f"the {c} object" if not any(o.color == c for o in objs) else f"the {c} {s}"
+    refs.append({"text": text, "targets": [], "type": "none"})
     return refs
 
 

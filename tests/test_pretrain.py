@@ -56,15 +56,17 @@ def forced_segs(model, monkeypatch, n: int):
 def test_every_task_builds_an_example_with_one_mask_per_seg(model, sample):
     rng = np.random.default_rng(0)
     exs = [pretrain.make_example(sample, rng, t) for t in pretrain.TASK_SHARES]
-    for ex in exs:
-        assert (ex["answer"] or "").count(SEG) == len(ex["masks"]), ex["task"]
+    for ex in exs:  # one mask per <seg>; a no-target expression's one <seg> has none
+        absent = ex["task"] == "refseg" and not ex["masks"]
+        assert (ex["answer"] or "").count(SEG) == len(ex["masks"]) + absent, ex["task"]
     batch = pretrain.collate(exs, model)
-    assert int((batch["input_ids"] == model.llm.seg_id).sum()) == len(batch["masks"]) == 1
+    assert int((batch["input_ids"] == model.llm.seg_id).sum()) == len(batch["masks"]) + int(
+        batch["no_target"].sum())
     assert batch["visual"].tolist() == [t == "visual" for t in pretrain.TASK_SHARES]
     assert batch["region_maps"].shape == (2, H, H)  # region + what
 
 
-def test_several_targets_get_one_seg_each_left_to_right_and_none_says_no_target(sample):
+def test_several_targets_get_one_seg_each_left_to_right_and_none_one_absent_seg(sample):
     refs = {r["type"]: r for r in sample["refs"]}
     masks = pretrain.target_masks(sample["inst"], refs["multi"]["targets"])
     assert len(masks) >= 2
@@ -73,7 +75,30 @@ def test_several_targets_get_one_seg_each_left_to_right_and_none_says_no_target(
     assert pretrain.target_masks(sample["inst"], refs["none"]["targets"]) == []
     s = {**sample, "refs": [refs["none"]]}
     ex = pretrain.make_example(s, np.random.default_rng(0), "refseg")
-    assert ex["answer"] == pretrain.NO_TARGET and ex["masks"] == []
+    assert ex["answer"] == SEG and ex["masks"] == []  # one <seg>; its presence label is 0
+
+
+def test_a_no_target_seg_is_trained_to_say_empty(model, sample, monkeypatch):
+    """GRES by the predictor: the <seg> of an absent object gets presence label 0 and no mask,
+    the <seg>s of present targets label 1 and their masks, in order."""
+    from focus_ref import segmentation
+
+    refs = {r["type"]: r for r in sample["refs"]}
+    rng, got = np.random.default_rng(0), {}
+    exs = [pretrain.make_example({**sample, "refs": [refs[t]]}, rng, "refseg")
+           for t in ("none", "multi")]
+    real = segmentation.segmentation_loss
+
+    def spy(logits, presence, gt, present, cfg):
+        got.update(gt=gt, present=present)
+        return real(logits, presence, gt, present, cfg)
+
+    monkeypatch.setattr(segmentation, "segmentation_loss", spy)
+    pretrain.stage3_loss(model, pretrain.collate(exs, model), FocusConfig.tiny())
+    n = len(exs[1]["masks"])
+    assert got["present"][:, 0].tolist() == [False] + [True] * n
+    assert not got["gt"][0].any() and all(torch.equal(got["gt"][1 + i, 0], torch.from_numpy(m))
+                                          for i, m in enumerate(exs[1]["masks"]))
 
 
 def test_stage3_loss_has_every_term_and_trains_the_right_parts(model, sample):

@@ -1,5 +1,7 @@
 """Segmentation predictor, region-prompt encoder and losses (focus_ref/segmentation.py)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -181,16 +183,18 @@ def _targets(B=2, K=2):
     return t
 
 
-def test_loss_terms_and_presence_only_for_absent_targets():
+def test_loss_terms_and_an_absent_target_learns_the_empty_mask():
     logits = torch.randn(2, 2, H, H)
     present = torch.tensor([[True, False], [True, True]])
     loss, logs = segmentation_loss(logits, torch.zeros(2, 2), _targets(), present, CFG)
     assert set(logs) == {"mask_bce", "mask_dice", "presence"} and torch.isfinite(loss)
-    # the mask of a slot with no target is never scored: changing it changes nothing
-    logits2 = logits.clone()
-    logits2[0, 1] = 10.0
+    # the mask of a slot with no target is scored against the empty mask (GRES / ReLA),
+    # whatever target was passed for it: all background lowers the loss, all object raises it
+    logits2, logits3 = logits.clone(), logits.clone()
+    logits2[0, 1], logits3[0, 1] = -10.0, 10.0
     loss2, _ = segmentation_loss(logits2, torch.zeros(2, 2), _targets(), present, CFG)
-    assert torch.isclose(loss, loss2)
+    loss3, _ = segmentation_loss(logits3, torch.zeros(2, 2), _targets(), present, CFG)
+    assert loss2 < loss < loss3
     # padding slots (valid=False) are ignored entirely
     valid = torch.tensor([[True, True], [True, False]])
     loss3, _ = segmentation_loss(logits, torch.zeros(2, 2), _targets(), present, CFG, valid)
@@ -265,6 +269,22 @@ def test_expression_words_are_a_second_prompt_that_changes_the_mask(predictor):
     c, _ = predictor(states, features(), image(), text_states=text.flip(0))
     assert b.shape == a.shape == (2, 3, H, H) and pb.shape == (2, 3)
     assert not torch.allclose(a, b) and not torch.allclose(b, c)
+
+
+def test_word_order_matters(predictor):
+    """Learned word positions: "the circle left of the square" and "the square left of the
+    circle" hold the same words and must be able to give different masks (a bag of words,
+    pooled or attended without positions, cannot tell them apart)."""
+    states, words = torch.randn(2, 1, D), torch.randn(2, 5, D)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    a, pa = predictor(states, features(), image(), text_states=words, text_mask=keep)
+    b, pb = predictor(states, features(), image(), text_states=words.flip(1), text_mask=keep)
+    assert not torch.allclose(a, b, atol=1e-4)
+    bag = copy.deepcopy(predictor)
+    bag.word_pos.weight.data.zero_()  # without positions the order is invisible
+    a, pa = bag(states, features(), image(), text_states=words, text_mask=keep)
+    b, pb = bag(states, features(), image(), text_states=words.flip(1), text_mask=keep)
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(pa, pb, atol=1e-4)
 
 
 def test_per_word_states_steer_the_mask_and_padding_words_are_ignored(predictor):

@@ -98,9 +98,10 @@ def test_referring_expressions(samples):
         objs = s["scene"].objects
         for r in s["refs"]:
             types.add(r["type"])
-            if r["type"] == "none":
-                c, sh = r["text"].split()[1:3]
-                assert r["targets"] == [] and not any(matches(o, {"color": c, "shape": sh}) for o in objs)
+            if r["type"] == "none":  # worded as targets are: shape, colour or both
+                attrs = {("shape" if w in SHAPES else "color"): w
+                         for w in r["text"].split()[1:] if w != "object"}
+                assert r["targets"] == [] and attrs and not any(matches(o, attrs) for o in objs)
             elif r["type"] == "multi":
                 assert len(r["targets"]) >= 1
             else:
@@ -111,6 +112,8 @@ def test_referring_expressions(samples):
                          for w in words if w != "object"}
                 assert [k for k, o in enumerate(objs) if matches(o, attrs)] == r["targets"]
     assert types == {"attribute", "relation", "superlative", "multi", "none"}
+    forms = {len(r["text"].split()) for s in samples for r in s["refs"] if r["type"] == "none"}
+    assert forms == {2, 3}  # "the triangle" / "the red object" as well as "the red triangle"
     assert sum(len(r["targets"]) > 1 for s in samples for r in s["refs"]) > 0
 
 
