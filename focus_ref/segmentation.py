@@ -14,7 +14,8 @@ This file builds:
                          -> mask logits (B, K, H, W) + presence logits (B, K)
   rasterize_prompt       click / scribble / box / mask -> a (H, W) map, with input checks
   RegionPromptEncoder    a rasterised prompt + the features -> (B, T, D_llm) region tokens
-  segmentation_loss      mask BCE + Dice on present targets, presence BCE on all
+  segmentation_loss      mask BCE on all (empty for an absent target), Dice on present
+                         targets, presence BCE on all
 Built from transformers' SAM parts: `SamTwoWayTransformer` (prompt tokens attend to the image
 and the image to them), `SamFeedForward` (hypernetwork and presence heads), `SamMaskEmbedding`
 (dense prompt) and `SamPositionalEmbedding`. Written here: the `<seg>` projection, LAVT's
@@ -23,8 +24,9 @@ them "the circle left of the square" and "the square left of the circle" read th
 position encoding added to the image tokens themselves (so what the prompt tokens gather says
 where it is: "leftmost", "left of"), a feature pyramid over the ConvNeXt stages, and a
 SAM-2-style upsampling path that adds the finer stages, and below stride 4 the image itself,
-at every x2 step up to full resolution, plus a coarse CRIS-style prior (mask token . image token per cell; on ShapesWorld it lifted region-
-prompt mIoU at 250 steps from 0.72 to 0.84, mostly clicks and scribbles). Why not
+at every x2 step up to full resolution, plus a coarse CRIS-style prior (mask token . image
+token per cell; on ShapesWorld it lifted region-prompt mIoU at 250 steps from 0.72 to 0.84,
+mostly clicks and scribbles). Why not
 `SamMaskDecoder` as is: its x4 upsampling has no skips, so it ends at stride 1 from stride-4
 tokens with no finer evidence; on ShapesWorld even the *true* masks, pooled to 16x16 and
 upsampled bilinearly, score cIoU 0.89 (32x32: 0.97), so a 64 px mask needs pixel-level input.
@@ -77,9 +79,9 @@ class SegmentationPredictor(nn.Module):
         # the norm this token said almost nothing
         self.text_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.ReLU(),
                                        nn.Linear(h, s.dim))
-        # word-level language features (CRIS / LAVT): each word's LLM state, normed (the states
-        # share a large common part) and projected; LAVT's pixel-word attention (PWAM) lets
-        # every image cell gather the words about it, fused by an element-wise product
+        # word-level language features (CRIS / LAVT): each word's LLM input embedding, normed
+        # and projected; LAVT's pixel-word attention (PWAM) lets every image cell gather the
+        # words about it, fused by an element-wise product
         self.word_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, s.dim))
         self.word_attn = nn.MultiheadAttention(s.dim, s.num_heads, batch_first=True)
         self.word_fuse = nn.Sequential(nn.Linear(s.dim, s.dim), nn.GELU(),
