@@ -148,7 +148,7 @@ class EditConfig:
 
     share_generate: float = 0.3  # stage 4 task mix: text -> image examples
     caption_dropout: float = 0.1  # generation examples with an empty caption (CFG on logits)
-    share_absent: float = 0.1  # of the rest: edits naming an absent object -> "no such object"
+    share_absent: float = 0.1  # of the rest: edits naming an absent object -> an empty <seg>
     share_not_edit: float = 0.05  # a question / caption given as an edit -> refused
     share_region: float = 0.2  # edits by a click / box / scribble / mask: "make this blue"
     w_diffusion: float = 1.0  # weight of the decoder's denoising loss in stage 4

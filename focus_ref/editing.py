@@ -26,9 +26,10 @@ The mask the `<seg>` predicts is the *edit region* (ShapesWorld's `edit["region"
 object for recolour and remove, old and new silhouette for replace and move, the background
 for a background change. Outside it the source pixels are kept exactly (`composite`).
 
-Bad input: an instruction naming nothing in the image -> the LLM answers "no such object"
-(or the predictor's presence score says empty) and the image comes back unchanged with the
-answer as `EditResult.reason` (a warning from `FocusModel.edit`); text that is no edit
+Bad input: an instruction naming nothing in the image -> the mask decoder finds nothing (its
+mask is empty or its presence score says so; stage 4 trains this) or the LLM answers "no such
+object", and the image comes back unchanged with "no such object" as `EditResult.reason` (a
+warning from `FocusModel.edit`); text that is no edit
 instruction -> "not an edit instruction", likewise; an empty or overlong instruction, an
 unreadable image, a bad region prompt -> one ValueError / TypeError naming the fix.
 """

@@ -11,7 +11,9 @@ The task mix, one ShapesWorld sample -> one example (cfg.edit.share_*):
     edit      "<image> edit: make the red circle blue"      -> <seg> <boi> s_1 .. s_N <eoi>
     region    "<image> <region> edit: make this blue" + a click / box / scribble / mask
     generate  "generate: <caption>" (caption dropped sometimes, for CFG) -> <boi> codes <eoi>
-    refuse    an absent object -> "no such object"; a question or caption -> "not an edit ..."
+    absent    an absent object -> "<seg>", whose mask must come back empty (the mask decoder
+              sees the image; inference then answers "no such object"), as in stage 3
+    refuse    a question or a caption given as an edit -> "not an edit instruction"
 plus, every step, a few stage-3 examples (`cfg.train.stage4_rehearsal`: referring and region
 segmentation, questions, captions) so the LLM and the predictor keep what stage 3 taught them
 while they learn to edit (rehearsal against forgetting; the paper trains stage 4 on a mix of
@@ -31,7 +33,7 @@ from torch import nn
 
 from focus_ref import pretrain
 from focus_ref.config import FocusConfig
-from focus_ref.editing import (EDIT, EDIT_REGION, GENERATE, NO_OBJECT, NOT_AN_EDIT, SLOT,
+from focus_ref.editing import (EDIT, EDIT_REGION, GENERATE, NOT_AN_EDIT, SLOT,
                                absent_instruction, context_states, describe_target)
 from focus_ref.llm import IGNORE, SEG, next_token_loss
 from focus_ref.train import Stage, _train_only, fit
@@ -51,8 +53,8 @@ def make_example(sample: dict, rng: np.random.Generator, cfg: FocusConfig) -> di
                 "region": np.ones_like(e["region"])}
     u = (u - ec.share_generate) / (1 - ec.share_generate)
     if desc and u < ec.share_absent:  # the instruction names an object that is not there
-        return {**ex, "task": "refuse", "prompt": EDIT.format(absent_instruction(sample)),
-                "answer": NO_OBJECT}
+        return {**ex, "task": "absent", "prompt": EDIT.format(absent_instruction(sample)),
+                "answer": SEG}  # its <seg> learns the empty mask (GRES), no codes follow
     if u < ec.share_absent + ec.share_not_edit:  # a question or a caption is no edit
         text = sample["caption"] if rng.random() < 0.5 else sample["qa"][0][0]
         return {**ex, "task": "refuse", "prompt": EDIT.format(text), "answer": NOT_AN_EDIT}
@@ -128,18 +130,20 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
     sem_acc = (sem_logits.argmax(-1) == codes[slot_rows].flatten()).float().mean().item()
     loss = cfg.train.w_text * text + cfg.train.w_visual * sem
     logs = {"text": text.item(), "acc": acc, "sem": sem.item(), "sem_acc": sem_acc}
-    if edit_rows.any():  # the <seg> state -> the edit region (LISA: the state before <seg>)
-        s_states, _ = llm.seg_hidden(hidden[edit_rows], ids[edit_rows])  # (E, D)
-        e_img = edit_rows[has_img]  # edit rows among the rows with an image
-        maps = _region_maps(batch, edit_rows)  # (E, 1, H, W) or None
+    seg_rows = edit_rows | torch.tensor([t == "absent" for t in task], device=ids.device)
+    if seg_rows.any():  # the <seg> state -> the edit region (LISA: the state before <seg>),
+        # or, for an absent object, the empty mask and presence 0 (GRES, as in stage 3)
+        s_states, _ = llm.seg_hidden(hidden[seg_rows], ids[seg_rows])  # (E, D)
+        e_img = seg_rows[has_img]  # <seg> rows among the rows with an image
+        maps = _region_maps(batch, seg_rows)  # (E, 1, H, W) or None
         words, keep, mean = pretrain.word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D)
-        s_states = s_states + mean[edit_rows]  # (E, D) as in stage 3
+        s_states = s_states + mean[seg_rows]  # (E, D) as in stage 3
         logits, presence = model.segmentation(
-            s_states[:, None], [f[e_img] for f in feats], batch["source"][edit_rows], maps,
-            text_states=words[edit_rows], text_mask=keep[edit_rows])  # (E, 1, H, W), (E, 1)
-        gt = batch["region"][edit_rows][:, None]  # (E, 1, H, W)
-        seg, seg_logs = segmentation_loss(logits, presence, gt, torch.ones_like(presence,
-                                          dtype=torch.bool), cfg)
+            s_states[:, None], [f[e_img] for f in feats], batch["source"][seg_rows], maps,
+            text_states=words[seg_rows], text_mask=keep[seg_rows])  # (E, 1, H, W), (E, 1)
+        present = edit_rows[seg_rows][:, None]  # (E, 1) False: an absent object
+        gt = batch["region"][seg_rows][:, None] & present[..., None, None]  # (E, 1, H, W)
+        seg, seg_logs = segmentation_loss(logits, presence, gt, present, cfg)
         loss, logs = loss + seg, {**logs, **seg_logs}
     # the decoder: goal latent from source latent + mask + (codes, the prompt's embeddings,
     # the LLM states at the codes); right padding: each prompt fills its row's first positions
@@ -150,7 +154,7 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
         states, emb[slot_rows, :Tp], prompt[slot_rows, :Tp]))  # (R, L, D_ctx)
     mask = batch["region"][slot_rows].float()  # (R, H, W) generation: everywhere
     if edit_rows.any():  # edits: the PREDICTED mask is the spatial prompt (GT only if empty)
-        pred = (logits[:, 0] > 0).detach().float()  # (E, H, W)
+        pred = (logits[present[:, 0], 0] > 0).detach().float()  # (E', H, W) edits only
         empty = pred.flatten(1).amax(1) == 0
         pred[empty] = batch["region"][edit_rows][empty].float()
         mask[edit_rows[slot_rows]] = pred

@@ -8,6 +8,7 @@ import torch
 from focus_ref import editing as E
 from focus_ref import instruct as I
 from focus_ref.config import FocusConfig
+from focus_ref.llm import SEG
 
 torch.set_num_threads(1)  # 2 threads on 2 busy cores spin
 
@@ -21,14 +22,16 @@ def test_examples_cover_every_task_and_are_deterministic(cfg, val):
     r = np.random.default_rng(0)
     exs = [I.make_example(s, r, cfg) for s in val * 12]
     tasks = {x["task"] for x in exs}
-    assert tasks == {"edit", "generate", "refuse"}
+    assert tasks == {"edit", "generate", "absent", "refuse"}
     for x in exs:
         if x["task"] == "generate":
             assert x["prompt"].startswith("generate:") and x["region"].all()
         elif x["prompt_region"] is not None:  # "make this blue" + a region prompt
             assert "this" in x["prompt"] and "<region>" in x["prompt"]
-        elif x["task"] == "refuse":
-            assert x["answer"] in (E.NO_OBJECT, E.NOT_AN_EDIT)
+        elif x["task"] == "refuse":  # a question or a caption is no edit
+            assert x["answer"] == E.NOT_AN_EDIT
+        elif x["task"] == "absent":  # one <seg>, trained to find nothing
+            assert x["answer"] == SEG and x["prompt"].startswith("<image> edit:")
     assert len(a) == 64
 
 
@@ -72,6 +75,32 @@ def test_joint_loss_reaches_every_trained_part_and_uses_the_predicted_mask(cfg, 
     gt = batch["region"][0].float()
     assert seen["mask"][0].shape == gt.shape and not torch.equal(seen["mask"][0], gt)
     model.zero_grad()
+
+
+def test_an_absent_object_trains_an_empty_mask_and_no_decoder_row(cfg, model, val, monkeypatch):
+    """GRES in stage 4: the <seg> of an edit naming an absent object learns the empty mask and
+    presence 0 (inference then answers "no such object"); only real edits reach the decoder."""
+    s = next(v for v in val if E.describe_target(v))
+    edit = {**I.make_example(s, np.random.default_rng(0), cfg), "task": "edit",
+            "prompt": E.EDIT.format(s["edit"]["instruction"]), "prompt_region": None}
+    absent = {**edit, "task": "absent", "prompt": E.EDIT.format(E.absent_instruction(s)),
+              "answer": SEG}
+    from focus_ref import segmentation
+
+    got, dec, real = {}, {}, segmentation.segmentation_loss
+
+    def spy(logits, presence, gt, present, c):
+        got.update(gt=gt, present=present)
+        return real(logits, presence, gt, present, c)
+
+    monkeypatch.setattr(segmentation, "segmentation_loss", spy)
+    orig = model.diffusion.loss
+    monkeypatch.setattr(model.diffusion, "loss", lambda g, s_, m, c: (
+        dec.update(rows=len(g)) or orig(g, s_, m, c)))
+    I.edit_loss(model, I.collate([edit, absent], model), cfg)
+    assert got["present"][:, 0].tolist() == [True, False]
+    assert got["gt"][0].any() and not got["gt"][1].any()
+    assert dec["rows"] == 1  # the absent row writes no codes and renders nothing
 
 
 def test_stage4_batches_are_a_function_of_the_step(cfg, model):
