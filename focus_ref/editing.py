@@ -29,9 +29,9 @@ for a background change. Outside it the source pixels are kept exactly (`composi
 Bad input: an instruction naming nothing in the image -> the mask decoder finds nothing (its
 mask is empty or its presence score says so; stage 4 trains this) or the LLM answers "no such
 object", and the image comes back unchanged with "no such object" as `EditResult.reason` (a
-warning from `FocusModel.edit`); text that is no edit
-instruction -> "not an edit instruction", likewise; an empty or overlong instruction, an
-unreadable image, a bad region prompt -> one ValueError / TypeError naming the fix.
+warning from `FocusModel.edit`); text that is no edit instruction -> "not an edit
+instruction", likewise; an empty or overlong instruction, an unreadable image, a bad region
+prompt -> one ValueError / TypeError naming the fix.
 """
 
 from __future__ import annotations

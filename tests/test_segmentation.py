@@ -277,8 +277,8 @@ def test_word_order_matters(predictor):
     pooled or attended without positions, cannot tell them apart)."""
     states, words = torch.randn(2, 1, D), torch.randn(2, 5, D)
     keep = torch.ones(2, 5, dtype=torch.bool)
-    a, pa = predictor(states, features(), image(), text_states=words, text_mask=keep)
-    b, pb = predictor(states, features(), image(), text_states=words.flip(1), text_mask=keep)
+    a, _ = predictor(states, features(), image(), text_states=words, text_mask=keep)
+    b, _ = predictor(states, features(), image(), text_states=words.flip(1), text_mask=keep)
     assert not torch.allclose(a, b, atol=1e-4)
     bag = copy.deepcopy(predictor)
     bag.word_pos.weight.data.zero_()  # without positions the order is invisible
