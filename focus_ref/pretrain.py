@@ -25,7 +25,9 @@ CRIS / LAVT, and their mean added to every `<seg>` state) it prompts the
 SegmentationPredictor, which returns a full-resolution mask and a presence score. Why the
 embeddings (measured, issue #5): this tiny LLM's last-layer states of different expressions
 nearly coincide (mean cosine 0.98), so alone they barely say which object; with them as the
-prompt, held-out referring cIoU after stage 3 was 0.22, with the embeddings 0.45. The ConvNeXt
+prompt, held-out referring cIoU after stage 3 was 0.22, with the embeddings 0.45. The mask
+decoder arrives from stage 0d (`standins.stage0_seg`, SAM's part in LISA) already segmenting
+one named or pointed-at object; here it learns to read the `<seg>` state. The ConvNeXt
 branch trains too (segmentation-aware alignment of the features the predictor reads); the ViT
 and the tokenizer stay frozen, so the semantic codes keep their meaning for stage 4.
 Why "no target" is the predictor's call and not the LLM's words (measured, issue #5): with
