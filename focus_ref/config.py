@@ -180,19 +180,21 @@ class TrainConfig:
         steps=150, lr=1e-3, batch_size=32, log_every=10, ckpt_every=50))
     stage0_dense: StageConfig = field(default_factory=lambda: StageConfig(  # (c) dense ConvNeXt
         steps=1500, lr=5e-3, batch_size=32, warmup=20, log_every=50, ckpt_every=500))
+    stage0_seg: StageConfig = field(default_factory=lambda: StageConfig(  # (d) mask decoder
+        steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
     scene_pool: int = 500  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
     dense_scenes: int = 2000  # stage 0c: train scenes with per-pixel labels, rendered once
     text_scenes: int = 200  # stage 0a: scenes whose texts (~15 each) form the LM corpus
     lm_seq_len: int = 64  # stage 0a: tokens per packed row
     stage1: StageConfig = field(default_factory=lambda: StageConfig(  # (a) visual tokenizer
-        steps=2000, lr=2e-3, batch_size=8, warmup=10, log_every=20, ckpt_every=200))
+        steps=1500, lr=2e-3, batch_size=8, warmup=10, log_every=20, ckpt_every=250))
     stage1_decoder: StageConfig = field(default_factory=lambda: StageConfig(  # (b) diffusion
         steps=600, lr=2e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=100))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
         steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(  # multimodal pretraining
         steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
-    stage3_scenes: int = 2000  # stage 3: ShapesWorld train scenes rendered once, reused
+    stage3_scenes: int = 2000  # stages 0d and 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=lambda: StageConfig(  # region-controlled editing
         steps=300, lr=1e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=100))
     stage4_rehearsal: int = 4  # stage 4: stage-3 examples per step (against forgetting)

@@ -85,18 +85,6 @@ def collate(examples: list[dict], model) -> dict:
             "region_maps": maps, "region_kinds": kinds}  # (B, T) ids..., (B, 3, H, W) x2
 
 
-
-def _region_maps(batch: dict, rows: torch.Tensor) -> torch.Tensor | None:
-    """The rasterised region prompt of each selected row (zeros where words only): SAM's dense
-    prompt for the mask decoder, (E, 1, H, W)."""
-    if batch["region_maps"] is None:
-        return None
-    H = batch["region"].shape[-1]
-    full = torch.zeros(len(rows), H, H, device=rows.device)  # (B, H, W)
-    full[batch["region_rows"]] = batch["region_maps"].to(full.device)
-    return full[rows][:, None]  # (E, 1, H, W)
-
-
 # ----- the loss: text + semantic codes + segmentation + diffusion, jointly -----------------
 def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
     """One joint step: text CE (incl. <seg> / refusals), semantic-code CE, mask BCE + Dice on
@@ -135,7 +123,7 @@ def edit_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]
         # or, for an absent object, the empty mask and presence 0 (GRES, as in stage 3)
         s_states, _ = llm.seg_hidden(hidden[seg_rows], ids[seg_rows])  # (E, D)
         e_img = seg_rows[has_img]  # <seg> rows among the rows with an image
-        maps = _region_maps(batch, seg_rows)  # (E, 1, H, W) or None
+        maps = pretrain.region_prompt_maps(batch, seg_rows)  # (E, 1, H, W) or None
         words, keep, mean = pretrain.word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D)
         s_states = s_states + mean[seg_rows]  # (E, D) as in stage 3
         logits, presence = model.segmentation(

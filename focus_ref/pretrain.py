@@ -25,7 +25,9 @@ CRIS / LAVT, and their mean added to every `<seg>` state) it prompts the
 SegmentationPredictor, which returns a full-resolution mask and a presence score. Why the
 embeddings (measured, issue #5): this tiny LLM's last-layer states of different expressions
 nearly coincide (mean cosine 0.98), so alone they barely say which object; with them as the
-prompt, held-out referring cIoU after stage 3 was 0.22, with the embeddings 0.45. The ConvNeXt
+prompt, held-out referring cIoU after stage 3 was 0.22, with the embeddings 0.45. The mask
+decoder arrives from stage 0d (`standins.stage0_seg`, SAM's part in LISA) already segmenting
+one named or pointed-at object; here it learns to read the `<seg>` state. The ConvNeXt
 branch trains too (segmentation-aware alignment of the features the predictor reads); the ViT
 and the tokenizer stay frozen, so the semantic codes keep their meaning for stage 4.
 Why "no target" is the predictor's call and not the LLM's words (measured, issue #5): with
@@ -142,8 +144,6 @@ def word_tokens(llm, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, t
 
 def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
     """Text CE + visual-token CE + (mask BCE + Dice + presence BCE) on the `<seg>` states."""
-    from focus_ref.segmentation import segmentation_loss
-
     enc, llm, head, t = model.encoder, model.llm, model.semantic_head, cfg.train
     ids, img_rows, vis = batch["input_ids"], batch["has_image"], batch["visual"]
     out = enc(batch["image"])  # tokens (B, N, D), features [(B, C_i, H_i, W_i)]
@@ -173,21 +173,51 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
     if len(b) == 0:
         return loss, logs
     present = ~batch["no_target"].to(b.device)[b]  # (S,)
+    words, keep, mean = word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D) the words
+    seg, seg_logs = seg_loss(model, cfg, batch, out.features, states + mean[b], b, present,
+                             words, keep)  # each <seg> state + what its expression names
+    return loss + seg, {**logs, **seg_logs}
+
+
+def seg_loss(model, cfg, batch, features, states, b, present, words, keep):
+    """Mask BCE + Dice + presence of S `<seg>`s: states (S, D) of rows b (S,); present (S,)
+    False for a no-target `<seg>` (empty mask, presence 0); the row's region prompt, if any,
+    is the decoder's dense prompt (SAM); words (B, L, D) with keep (B, L) its word prompts."""
+    from focus_ref.segmentation import segmentation_loss
+
     H = batch["image"].shape[-1]
     gt = torch.zeros(len(b), H, H, dtype=torch.bool, device=b.device)
     gt[present] = batch["masks"]  # (S, H, W) one mask per present <seg>, in order
-    maps = None
-    if batch["region_maps"] is not None:  # SAM's dense prompt: the region of the <seg>'s row
-        full = torch.zeros(len(ids), H, H, device=b.device)  # (B, H, W)
-        full[batch["region_rows"]] = batch["region_maps"].to(full)
-        maps = full[b][:, None]  # (S, 1, H, W)
-    words, keep, mean = word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D) the words
-    states = states + mean[b]  # (S, D) each <seg> state + what its expression names
     logits, presence = model.segmentation(
-        states[:, None], [f[b] for f in out.features], batch["image"][b], maps,
-        text_states=words[b], text_mask=keep[b])  # (S, 1, H, W), (S, 1)
-    seg, seg_logs = segmentation_loss(logits, presence, gt[:, None], present[:, None], cfg)
-    return loss + seg, {**logs, **seg_logs}
+        states[:, None], [f[b] for f in features], batch["image"][b],
+        region_prompt_maps(batch, b), text_states=words[b], text_mask=keep[b])  # (S, 1, H, W)
+    return segmentation_loss(logits, presence, gt[:, None], present[:, None], cfg)
+
+
+def region_prompt_maps(batch: dict, rows: torch.Tensor) -> torch.Tensor | None:
+    """SAM's dense prompt for the mask decoder: the rasterised region prompt of each selected
+    row (zeros where the row has words only), (S, 1, H, W); None when no row has one."""
+    if batch["region_maps"] is None:
+        return None
+    H = batch["region_maps"].shape[-1]
+    full = torch.zeros(len(batch["input_ids"]), H, H, device=rows.device)  # (B, H, W)
+    full[batch["region_rows"]] = batch["region_maps"].to(full)
+    return full[rows][:, None]  # (S, 1, H, W)
+
+
+def sample_pool(cfg: FocusConfig, split: str, n: int) -> list:
+    """n ShapesWorld samples (scene, image, masks, texts, prompts), made once per process and
+    shared by stage 0d and stage 3."""
+    import json
+
+    from focus_ref.shapesworld import ShapesWorld
+    from focus_ref.train import _POOLS
+
+    key = ("samples", json.dumps(vars(cfg.data)), split, n)
+    if key not in _POOLS:
+        world = ShapesWorld(cfg.data, split)
+        _POOLS[key] = [world.sample(i) for i in range(n)]
+    return _POOLS[key]
 
 
 # ----- the stage -----------------------------------------------------------------------------
@@ -195,10 +225,7 @@ def stage3_multitask(model, cfg: FocusConfig) -> Stage:
     """Stage 3 as a `train.Stage`: LLM, ConvNeXt, fusion, adapter, region encoder, predictor
     and semantic head train; batches come from a pool of rendered train scenes, a function of
     (seed, step) only, so a resumed run repeats them."""
-    from focus_ref.shapesworld import ShapesWorld
-
-    sc, world = cfg.train.stage3, ShapesWorld(cfg.data, "train")
-    pool = [world.sample(i) for i in range(cfg.train.stage3_scenes)]
+    sc, pool = cfg.train.stage3, sample_pool(cfg, "train", cfg.train.stage3_scenes)
 
     def batch_fn(step):
         rng = np.random.default_rng([cfg.train.seed, step, 3])

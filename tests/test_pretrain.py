@@ -126,16 +126,45 @@ def test_a_few_dozen_stage3_steps_lower_the_loss_on_a_fixed_batch(model):
     cfg = FocusConfig.tiny()
     cfg.train.stage3_scenes, cfg.train.stage3.batch_size = 8, 8
     stage = pretrain.stage3_multitask(m, cfg)
-    batch = stage.batch_fn(0)
+    losses, _ = fit_batch(stage, stage.batch_fn(0), 25)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def fit_batch(stage, batch, steps: int):
+    """`steps` AdamW steps of a stage on one fixed batch: the losses and the last logs."""
     opt = torch.optim.AdamW(stage.params, lr=1e-3)
     losses = []
-    for _ in range(25):
-        loss, _ = stage.loss_fn(batch)
+    for _ in range(steps):
+        loss, logs = stage.loss_fn(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
+    return losses, logs
+
+
+def test_stage0_seg_trains_only_the_mask_decoder_on_one_target_or_none(model):
+    import copy
+
+    from focus_ref import standins
+
+    m = copy.deepcopy(model).train()
+    cfg = FocusConfig.tiny()
+    cfg.train.stage3_scenes, cfg.train.stage0_seg.batch_size = 16, 12
+    stage = standins.stage0_seg(m, cfg)
+    assert {n.split(".")[0] for n, p in m.named_parameters() if p.requires_grad} == \
+        {"segmentation"}
+    batch = stage.batch_fn(0)
+    assert torch.equal(batch["input_ids"], stage.batch_fn(0)["input_ids"])  # resumable
+    assert ((batch["input_ids"] == m.llm.seg_id).sum(1) == 1).all()  # one <seg> a row
+    assert len(batch["masks"]) == int((~batch["no_target"]).sum())  # a mask, or none
+    assert batch["region_rows"].any() and (~batch["region_rows"]).any()  # prompts and words
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    losses, logs = fit_batch(stage, batch, 15)
+    assert {"mask_bce", "mask_dice", "presence"} <= set(logs)
+    assert losses[-1] < 0.7 * losses[0], losses
+    changed = {k.split(".")[0] for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"segmentation"}
 
 
 def test_word_tokens_are_the_same_words_at_train_and_inference(model, sample):
