@@ -77,7 +77,8 @@ def test_joint_loss_reaches_every_trained_part_and_uses_the_predicted_mask(cfg, 
     model.zero_grad()
 
 
-def test_an_absent_object_trains_an_empty_mask_and_no_decoder_row(cfg, model, val, monkeypatch):
+def test_an_absent_object_trains_an_empty_mask_and_no_decoder_row(cfg, model, val, monkeypatch,
+                                                                   seg_targets):
     """GRES in stage 4: the <seg> of an edit naming an absent object learns the empty mask and
     presence 0 (inference then answers "no such object"); only real edits reach the decoder."""
     s = next(v for v in val if E.describe_target(v))
@@ -85,15 +86,7 @@ def test_an_absent_object_trains_an_empty_mask_and_no_decoder_row(cfg, model, va
             "prompt": E.EDIT.format(s["edit"]["instruction"]), "prompt_region": None}
     absent = {**edit, "task": "absent", "prompt": E.EDIT.format(E.absent_instruction(s)),
               "answer": SEG}
-    from focus_ref import segmentation
-
-    got, dec, real = {}, {}, segmentation.segmentation_loss
-
-    def spy(logits, presence, gt, present, c):
-        got.update(gt=gt, present=present)
-        return real(logits, presence, gt, present, c)
-
-    monkeypatch.setattr(segmentation, "segmentation_loss", spy)
+    got, dec = seg_targets, {}
     orig = model.diffusion.loss
     monkeypatch.setattr(model.diffusion, "loss", lambda g, s_, m, c: (
         dec.update(rows=len(g)) or orig(g, s_, m, c)))
