@@ -47,7 +47,7 @@ from focus_ref.config import FocusConfig
 from focus_ref.editing import GENERATE, SLOT
 from focus_ref.llm import IGNORE, SEG, next_token_loss
 from focus_ref.segmentation import PROMPT_KINDS
-from focus_ref.train import Stage, _train_only, fit
+from focus_ref.train import Stage, _train_only, fit, pooled
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
 WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
@@ -145,16 +145,12 @@ def word_tokens(llm, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, t
 def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dict]:
     """Text CE + visual-token CE + (mask BCE + Dice + presence BCE) on the `<seg>` states."""
     enc, llm, head, t = model.encoder, model.llm, model.semantic_head, cfg.train
-    ids, img_rows, vis = batch["input_ids"], batch["has_image"], batch["visual"]
+    ids, vis = batch["input_ids"], batch["visual"]
     out = enc(batch["image"])  # tokens (B, N, D), features [(B, C_i, H_i, W_i)]
     with torch.no_grad():  # the frozen ViT's tokens + semantic codebook: visual-token targets
         codes = model.visual_tokenizer.encode_semantic(out.global_feats[vis]) if vis.any() \
             else ids.new_zeros(0, head.num_tokens)  # (V, N)
-    rows, region = batch["region_rows"], None
-    if rows.any():  # UniPixel-style region tokens at <region>: (R, T_r, D)
-        region = model.region_encoder([f[rows] for f in out.features], batch["region_maps"],
-                                      batch["region_kinds"])
-    emb = llm.embed(ids, out.tokens[img_rows], region)  # (B, T, D)
+    emb = input_embeddings(model, batch, out)  # (B, T, D)
     slots = ids == llm.tokenizer.convert_tokens_to_ids(SLOT)  # (B, T) code positions
     emb = emb.masked_scatter(slots[..., None], head.embed(codes))  # Janus gen_embed
     hidden = llm.model.model(inputs_embeds=emb, attention_mask=batch["attention_mask"]
@@ -177,6 +173,16 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
     seg, seg_logs = seg_loss(model, cfg, batch, out.features, states + mean[b], b, present,
                              words, keep)  # each <seg> state + what its expression names
     return loss + seg, {**logs, **seg_logs}
+
+
+def input_embeddings(model, batch: dict, out) -> torch.Tensor:
+    """The LLM's input: text embeddings with the image tokens of each image row (out: the
+    encoder's output for batch["image"]) and UniPixel-style region tokens spliced in, (B, T, D)."""
+    rows, region = batch["region_rows"], None
+    if rows.any():  # region tokens at <region>: (R, T_r, D)
+        region = model.region_encoder([f[rows] for f in out.features], batch["region_maps"],
+                                      batch["region_kinds"])
+    return model.llm.embed(batch["input_ids"], out.tokens[batch["has_image"]], region)
 
 
 def seg_loss(model, cfg, batch, features, states, b, present, words, keep):
@@ -208,16 +214,13 @@ def region_prompt_maps(batch: dict, rows: torch.Tensor) -> torch.Tensor | None:
 def sample_pool(cfg: FocusConfig, split: str, n: int) -> list:
     """n ShapesWorld samples (scene, image, masks, texts, prompts), made once per process and
     shared by stage 0d and stage 3."""
-    import json
-
     from focus_ref.shapesworld import ShapesWorld
-    from focus_ref.train import _POOLS
 
-    key = ("samples", json.dumps(vars(cfg.data)), split, n)
-    if key not in _POOLS:
+    def make():
         world = ShapesWorld(cfg.data, split)
-        _POOLS[key] = [world.sample(i) for i in range(n)]
-    return _POOLS[key]
+        return [world.sample(i) for i in range(n)]
+
+    return pooled("samples", cfg, split, n, make)
 
 
 # ----- the stage -----------------------------------------------------------------------------

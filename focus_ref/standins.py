@@ -22,14 +22,12 @@ decoder there starts from scratch (no SAM loader is written: its layout is not S
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from focus_ref.train import _POOLS, Stage, _picker, _train_only, caption_pool, fit
+from focus_ref.train import Stage, _picker, _to, _train_only, caption_pool, fit, pooled
 
 
 def dense_pool(cfg, split: str, n: int):
@@ -43,8 +41,7 @@ def dense_pool(cfg, split: str, n: int):
         raise ValueError(f"encoder.dense_heads = {tuple(cfg.encoder.dense_heads)} does not match "
                          f"ShapesWorld's colours / shapes / sizes + background "
                          f"{tuple(len(v) + 1 for v in vocab)}: set it to those")
-    key = ("dense", json.dumps(vars(cfg.data)), split, n)
-    if key not in _POOLS:
+    def make():
         world = sw.ShapesWorld(cfg.data, split)
         images, labels = [], torch.zeros(n, 3, cfg.data.image_size, cfg.data.image_size,
                                          dtype=torch.long)
@@ -56,18 +53,16 @@ def dense_pool(cfg, split: str, n: int):
                 table = [v.index(getattr(o, ("color", "shape", "size")[a]))
                          for o in scene.objects] + [len(v)]  # object k -> class; -1 -> background
                 labels[i, a] = torch.tensor(table)[torch.from_numpy(inst.astype("int64"))]
-        _POOLS[key] = torch.stack(images), labels
-    return _POOLS[key]
+        return torch.stack(images), labels
+
+    return pooled("dense", cfg, split, n, make)
 
 
 def text_pool(cfg, split: str, n: int) -> list:
     """Every text of n ShapesWorld scenes: captions, questions, answers, expressions, edits."""
     from focus_ref.shapesworld import ShapesWorld
 
-    key = ("text", json.dumps(vars(cfg.data)), split, n)
-    if key not in _POOLS:
-        _POOLS[key] = ShapesWorld(cfg.data, split).corpus(n)
-    return _POOLS[key]
+    return pooled("text", cfg, split, n, lambda: ShapesWorld(cfg.data, split).corpus(n))
 
 
 def stage0_lm(model: nn.Module, cfg) -> Stage:
@@ -179,15 +174,12 @@ def stage0_seg(model: nn.Module, cfg) -> Stage:
 @torch.no_grad()
 def seg_states(model: nn.Module, batches: list) -> torch.Tensor:
     """The states the LLM writes `<seg>` from, over stage-3-style batches: (P, D)."""
+    from focus_ref.pretrain import input_embeddings
+
     enc, llm, out = model.encoder.eval(), model.llm.eval(), []
-    dev = next(llm.parameters()).device
     for b in batches:
-        b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-        x = enc(b["image"])  # tokens (B, N, D), features
-        rows = b["region_rows"]
-        region = model.region_encoder([f[rows] for f in x.features], b["region_maps"],
-                                      b["region_kinds"]) if rows.any() else None  # (R, T_r, D)
-        emb = llm.embed(b["input_ids"], x.tokens, region)  # (B, T, D)
+        b = _to(b, next(llm.parameters()).device)
+        emb = input_embeddings(model, b, enc(b["image"]))  # (B, T, D)
         hidden = llm.model.model(inputs_embeds=emb, attention_mask=b["attention_mask"]
                                  ).last_hidden_state  # (B, T, D)
         out.append(llm.seg_hidden(hidden, b["input_ids"])[0])  # (S, D)

@@ -184,18 +184,27 @@ def _picker(cfg, n: int, step: int, size: int) -> torch.Tensor:
 _POOLS: dict = {}  # (kind, data config, split, n) -> rendered data, made once per process
 
 
+def pooled(kind: str, cfg, split: str, n: int, make: Callable):
+    """make() once per process for n scenes of `split` under cfg.data; the same object after
+    (the stages that share a pool render it once)."""
+    key = (kind, json.dumps(vars(cfg.data)), split, n)
+    if key not in _POOLS:
+        _POOLS[key] = make()
+    return _POOLS[key]
+
+
 def caption_pool(cfg, split: str, n: int):
     """n ShapesWorld scenes as (images (n, 3, H, W) in [-1, 1], captions)."""
     from focus_ref import shapesworld
     from focus_ref.data import image_to_tensor
 
-    key = ("caption", json.dumps(vars(cfg.data)), split, n)
-    if key not in _POOLS:
+    def make():
         world = shapesworld.ShapesWorld(cfg.data, split)
         scenes = [world.scene(i) for i in range(n)]  # scene i of world.sample(i), no extras
         images = torch.stack([image_to_tensor(shapesworld.render(s)[0]) for s in scenes])
-        _POOLS[key] = images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
-    return _POOLS[key]
+        return images, [shapesworld.caption(s) for s in scenes]  # (n, 3, H, W), [str]
+
+    return pooled("caption", cfg, split, n, make)
 
 
 # ===== Stage 1: visual tokenizer, then diffusion decoder ===================================
