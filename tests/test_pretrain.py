@@ -227,7 +227,7 @@ def test_each_region_prompt_kind_reaches_the_llm_and_the_decoder(model, sample, 
     real_enc, real_seg = enc.forward, seg.forward
 
     def spy_enc(features, maps, kinds):
-        seen["kind"] = PROMPT_KINDS[int(kinds[0])]
+        seen.setdefault("kind", PROMPT_KINDS[int(kinds[0])])  # the first pass (clicks refine)
         return real_enc(features, maps, kinds)
 
     def spy_seg(states, features, image, region_maps=None, **kw):
@@ -240,6 +240,29 @@ def test_each_region_prompt_kind_reaches_the_llm_and_the_decoder(model, sample, 
     masks = model.segment(sample["image"], **{kind: sample["prompts"][0][kind]})
     assert seen["kind"] == kind and seen["dense"] > 0  # region tokens + SAM's dense prompt
     assert len(masks) <= 1 and all(m.shape == (H, H) for m in masks)
+
+
+def test_a_click_is_refined_by_its_own_mask_as_a_mask_prompt(model, sample, monkeypatch):
+    """SAM's interactive loop: a click's answer is the answer to its first mask as a mask
+    prompt; with refinement switched off it is that first mask."""
+    forced_segs(model, monkeypatch, 1)
+    click = sample["prompts"][0]["click"]
+    refine, bias = model.config.segmentation.refine, model.segmentation.presence_head.proj_out.bias
+    try:
+        with torch.no_grad():
+            bias += 20  # "there": a random decoder's presence score would often say empty
+        model.config.segmentation.refine = ()
+        first = model.segment(sample["image"], click=click)
+        again = model.segment(sample["image"], mask=first[0]) if first else []
+        model.config.segmentation.refine = ("click",)
+        refined = model.segment(sample["image"], click=click)
+    finally:
+        model.config.segmentation.refine = refine
+        with torch.no_grad():
+            bias -= 20
+    assert len(first) == 1 and len(refined) == 1
+    want = again[0] if again else first[0]
+    assert np.array_equal(refined[0], want) and not np.array_equal(first[0], want)
 
 
 def test_save_and_load_give_identical_segment_and_understand(model, saved, sample,
