@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -162,6 +163,9 @@ class FocusModel(nn.Module):
         x = to_input(image, self.config.data.image_size).to(self.device)  # (1, 3, H, W)
         check_instruction(self.llm, instruction, self.config.edit.max_instruction_tokens)
         region = check_region(region)
+        if region and next(iter(region)) in self.config.segmentation.refine:
+            found = self.segment(image, **region)  # a click's refined mask, as segment() gives
+            region = {"mask": np.any(found, 0)} if found else region
         g = torch.Generator(self.device).manual_seed(seed)
         res = run_edits(self.eval(), x, [instruction.strip()], [region], generator=g)[0]
         if return_details:

@@ -47,6 +47,25 @@ def test_edit_keeps_every_pixel_outside_the_predicted_mask(model, val, monkeypat
     assert len(res.codes) == model.semantic_head.num_tokens
 
 
+def test_an_edit_by_click_edits_where_segment_finds_the_clicked_object(model, val,
+                                                                       monkeypatch):
+    """A click is ambiguous; edit() resolves it as segment() does (refined to a mask), so a
+    click selects the same region in both. Other prompt kinds go to the LLM as given."""
+    s, H = val[0], model.config.data.image_size
+    found = np.zeros((H, H), bool)
+    found[10:20, 12:22] = True
+    monkeypatch.setattr(model, "segment", lambda image, **prompt: [found])
+    seen, real = [], E.run_edits
+    monkeypatch.setattr(E, "run_edits", lambda m, x, ins, regions, **kw: (
+        seen.append(regions[0]) or real(m, x, ins, regions, **kw)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model may refuse; the region is what counts
+        model.edit(s["image"], s["edit"]["instruction"], region={"click": (15, 15)})
+        model.edit(s["image"], s["edit"]["instruction"], region={"box": (10, 10, 20, 20)})
+    assert list(seen[0]) == ["mask"] and np.array_equal(seen[0]["mask"], found)
+    assert seen[1] == {"box": (10, 10, 20, 20)}
+
+
 def test_refusal_returns_the_image_unchanged_with_the_reason(model, val, monkeypatch):
     s = val[1]
     bias_first_token(model, monkeypatch, -1e4)  # never <seg>: the model answers in words
