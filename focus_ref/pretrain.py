@@ -257,13 +257,15 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
                   region: tuple | None = None, max_targets: int = 8) -> torch.Tensor:
     """image (1, 3, H, W) in [-1, 1] + words or a (kind, value) region prompt -> boolean
     masks (K, H, W), one per `<seg>` the LLM writes whose presence score says "there";
-    K = 0 is the "no target" answer. A prompt kind listed in segmentation.refine gets a
-    second pass with its answer as a mask prompt (SAM's interactive loop, which feeds the
-    previous mask back in): a click marks a point, the first mask marks the object."""
-    masks = _segment_once(model, image, expression, region, max_targets)
-    if region is not None and region[0] in model.config.segmentation.refine and len(masks):
-        again = _segment_once(model, image, None, ("mask", masks.any(0).cpu().numpy()), 1)
-        masks = again if len(again) else masks  # (1, H, W); an empty second answer keeps the first
+    K = 0 is the "no target" answer. For a prompt kind listed in segmentation.refine
+    ("expression" for words) each mask gets a second pass as a mask prompt (SAM's interactive
+    loop, which feeds the previous mask back in): a click marks a point, words a guess; the
+    first mask marks the object, and its region tokens say what it looks like."""
+    masks = _segment_once(model, image, expression, region, max_targets)  # (K, H, W)
+    if ("expression" if region is None else region[0]) in model.config.segmentation.refine:
+        for k in range(len(masks)):
+            again = _segment_once(model, image, None, ("mask", masks[k].cpu().numpy()), 1)
+            masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
     return masks
 
 

@@ -242,20 +242,22 @@ def test_each_region_prompt_kind_reaches_the_llm_and_the_decoder(model, sample, 
     assert len(masks) <= 1 and all(m.shape == (H, H) for m in masks)
 
 
-def test_a_click_is_refined_by_its_own_mask_as_a_mask_prompt(model, sample, monkeypatch):
-    """SAM's interactive loop: a click's answer is the answer to its first mask as a mask
-    prompt; with refinement switched off it is that first mask."""
+@pytest.mark.parametrize("kind", ["click", "expression"])
+def test_clicks_and_words_are_refined_by_their_own_mask(model, sample, kind, monkeypatch):
+    """SAM's interactive loop: the answer to a click (or words) is the answer to its first
+    mask as a mask prompt; with refinement switched off it is that first mask."""
     forced_segs(model, monkeypatch, 1)
-    click = sample["prompts"][0]["click"]
+    prompt = {"click": sample["prompts"][0]["click"]} if kind == "click" else {
+        "expression": "the red circle"}
     refine, bias = model.config.segmentation.refine, model.segmentation.presence_head.proj_out.bias
     try:
         with torch.no_grad():
             bias += 20  # "there": a random decoder's presence score would often say empty
         model.config.segmentation.refine = ()
-        first = model.segment(sample["image"], click=click)
+        first = model.segment(sample["image"], **prompt)
         again = model.segment(sample["image"], mask=first[0]) if first else []
-        model.config.segmentation.refine = ("click",)
-        refined = model.segment(sample["image"], click=click)
+        model.config.segmentation.refine = (kind,)
+        refined = model.segment(sample["image"], **prompt)
     finally:
         model.config.segmentation.refine = refine
         with torch.no_grad():

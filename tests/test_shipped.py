@@ -18,7 +18,7 @@ from focus_ref.shapesworld import ShapesWorld
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
 SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
-# (fp16 on disk; refseg cIoU 0.659, GRES N-acc 0.81 / T-acc 0.98, region mIoU 0.869 (clicks
+# (fp16 on disk; refseg cIoU 0.668, GRES N-acc 0.81 / T-acc 0.98, region mIoU 0.869 (clicks
 # 0.804 with their refinement pass, 0.66 without: the click floor catches losing it), VQA 0.28,
 # tokenizer 28.3 dB / usage 0.98, edit success 0.167 with background PSNR 69.4 dB, generation
 # 0.22). They catch a checkpoint that no longer loads or works with the current code; they
