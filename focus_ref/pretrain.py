@@ -53,6 +53,11 @@ SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
 WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
 TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
                "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
+PARTIAL_MASK = 0.5  # share of training mask prompts cut to a part of the object (a first guess
+#                     to complete: what segment()'s second pass feeds back). Measured, stages 0d
+#                     + 3 from one stage-2 checkpoint, 100 held-out scenes, 0 -> 0.5: refseg cIoU
+#                     0.627 -> 0.646, N-acc 0.85 -> 0.87, region mIoU 0.867 -> 0.880 (click 0.82
+#                     -> 0.83, box 0.89 -> 0.90, scribble 0.84 -> 0.86)
 
 
 # ----- examples ----------------------------------------------------------------------------
@@ -63,6 +68,15 @@ def target_masks(inst: np.ndarray, targets: list[int]) -> list[np.ndarray]:
     return sorted(masks, key=lambda m: (np.nonzero(m)[1].mean(), np.nonzero(m)[0].mean()))
 
 
+def partial_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The part of an object's mask within 2-10 px of one of its pixels: what a first guess
+    from a click or words often is (a blob around a point)."""
+    ys, xs = np.nonzero(mask)
+    i, r = int(rng.integers(len(ys))), rng.uniform(2, 10)
+    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    return mask & ((yy - ys[i]) ** 2 + (xx - xs[i]) ** 2 <= r * r)
+
+
 def make_example(sample: dict, rng: np.random.Generator, task: str | None = None) -> dict:
     """One stage-3 example of `task` (drawn from TASK_SHARES when None) from a sample."""
     if task is None:
@@ -71,8 +85,10 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
     objs = [k for k in range(len(sample["prompts"])) if (sample["inst"] == k).any()]
     if task in ("region", "what") and objs:
         k, kind = objs[int(rng.integers(len(objs)))], PROMPT_KINDS[int(rng.integers(4))]
-        o = sample["scene"].objects[k]
-        return {**ex, "region": (kind, sample["prompts"][k][kind]),
+        o, value = sample["scene"].objects[k], sample["prompts"][k][kind]
+        if kind == "mask" and task == "region" and rng.random() < PARTIAL_MASK:
+            value = partial_mask(value, rng)
+        return {**ex, "region": (kind, value),
                 "prompt": SEGMENT_REGION if task == "region" else WHAT,
                 "answer": SEG if task == "region" else f"{o.color} {o.shape}",
                 "masks": [sample["inst"] == k] if task == "region" else []}

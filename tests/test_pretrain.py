@@ -53,6 +53,20 @@ def forced_segs(model, monkeypatch, n: int):
 
 
 # ----- examples and the task mix --------------------------------------------------------
+def test_about_half_the_training_mask_prompts_are_a_part_of_the_object(sample):
+    """What segment()'s second pass feeds back is a first guess: training shows the decoder
+    partial masks (never outside the object, never empty) with the whole object as target."""
+    rng, n, part = np.random.default_rng(0), 0, 0
+    for _ in range(300):
+        ex = pretrain.make_example(sample, rng, "region")
+        if ex["region"][0] != "mask":
+            continue
+        given, whole = ex["region"][1], ex["masks"][0]
+        assert given.any() and not (given & ~whole).any()
+        n, part = n + 1, part + int(given.sum() < whole.sum())
+    assert n > 40 and 0.25 < part / n < 0.7, (part, n)
+
+
 def test_every_task_builds_an_example_with_one_mask_per_seg(model, sample):
     rng = np.random.default_rng(0)
     exs = [pretrain.make_example(sample, rng, t) for t in pretrain.TASK_SHARES]
