@@ -53,9 +53,13 @@ def forced_segs(model, monkeypatch, n: int):
 
 
 # ----- examples and the task mix --------------------------------------------------------
-def test_about_half_the_training_mask_prompts_are_a_part_of_the_object(sample):
-    """What segment()'s second pass feeds back is a first guess: training shows the decoder
-    partial masks (never outside the object, never empty) with the whole object as target."""
+def test_partial_mask_prompts_lie_inside_the_object_and_are_off_by_default(sample,
+                                                                          monkeypatch):
+    """What segment()'s second pass feeds back is a first guess: PARTIAL_MASK = 0.5 shows the
+    decoder half its mask prompts as a part of the object (never outside it, never empty), the
+    whole object the target. Off by default (pretrain.PARTIAL_MASK says why)."""
+    assert pretrain.PARTIAL_MASK == 0
+    monkeypatch.setattr(pretrain, "PARTIAL_MASK", 0.5)
     rng, n, part = np.random.default_rng(0), 0, 0
     for _ in range(300):
         ex = pretrain.make_example(sample, rng, "region")
