@@ -278,11 +278,28 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     loop, which feeds the previous mask back in): a click marks a point, words a guess; the
     first mask marks the object, and its region tokens say what it looks like."""
     masks = _segment_once(model, image, expression, region, max_targets)  # (K, H, W)
-    if ("expression" if region is None else region[0]) in model.config.segmentation.refine:
-        for k in range(len(masks)):
+    kind, sc = "expression" if region is None else region[0], model.config.segmentation
+    for k in range(len(masks)):
+        if kind in sc.refine:
             again = _segment_once(model, image, None, ("mask", masks[k].cpu().numpy()), 1)
             masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
+        if kind in sc.connected:  # the prompt's points lie on the object: keep what joins them
+            part = connected_to(masks[k], [region[1]] if kind == "click" else region[1])
+            masks[k] = part if part.any() else masks[k]
     return masks
+
+
+def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
+    """The parts of a boolean (H, W) mask 8-connected to any of the (x, y) points: a flood
+    fill by repeated 3 x 3 dilation inside the mask."""
+    seed = torch.zeros_like(mask)
+    for x, y in points:
+        seed[y, x] = mask[y, x]
+    while True:
+        grown = F.max_pool2d(seed[None, None].float(), 3, 1, 1)[0, 0].bool() & mask  # (H, W)
+        if torch.equal(grown, seed):
+            return seed
+        seed = grown
 
 
 def _segment_once(model, image, expression, region, max_targets) -> torch.Tensor:

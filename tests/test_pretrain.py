@@ -267,22 +267,57 @@ def test_clicks_and_words_are_refined_by_their_own_mask(model, sample, kind, mon
     forced_segs(model, monkeypatch, 1)
     prompt = {"click": sample["prompts"][0]["click"]} if kind == "click" else {
         "expression": "the red circle"}
-    refine, bias = model.config.segmentation.refine, model.segmentation.presence_head.proj_out.bias
+    sc, bias = model.config.segmentation, model.segmentation.presence_head.proj_out.bias
+    refine, connected = sc.refine, sc.connected
     try:
         with torch.no_grad():
             bias += 20  # "there": a random decoder's presence score would often say empty
-        model.config.segmentation.refine = ()
+        sc.refine, sc.connected = (), ()  # the clean-up by connectivity has its own test
         first = model.segment(sample["image"], **prompt)
         again = model.segment(sample["image"], mask=first[0]) if first else []
         model.config.segmentation.refine = (kind,)
         refined = model.segment(sample["image"], **prompt)
     finally:
-        model.config.segmentation.refine = refine
+        sc.refine, sc.connected = refine, connected
         with torch.no_grad():
             bias -= 20
     assert len(first) == 1 and len(refined) == 1
     want = again[0] if again else first[0]
     assert np.array_equal(refined[0], want) and not np.array_equal(first[0], want)
+
+
+def test_connected_to_keeps_the_parts_joined_to_the_points():
+    m = torch.zeros(8, 8, dtype=torch.bool)
+    m[0:2, 0:2] = m[2, 2] = m[5:7, 5:7] = True  # a blob, a pixel joined diagonally, a blob
+    got = pretrain.connected_to(m, [(0, 0)])
+    assert got[0:2, 0:2].all() and got[2, 2] and not got[5:7, 5:7].any()
+    assert not pretrain.connected_to(m, [(4, 4)]).any()  # a point off the mask
+    assert torch.equal(pretrain.connected_to(m, [(0, 0), (6, 6)]), m)
+
+
+@pytest.mark.parametrize("kind", ["click", "scribble"])
+def test_a_click_or_scribble_keeps_only_the_mask_parts_joined_to_its_points(model, sample, kind,
+                                                                            monkeypatch):
+    """The decoder answers two blobs, one under the prompt's points and one elsewhere: the
+    mask segment() returns is the first alone (words keep both)."""
+    forced_segs(model, monkeypatch, 1)
+    prompt = sample["prompts"][0][kind]
+    pts = [prompt] if kind == "click" else prompt
+    under = torch.from_numpy(sample["prompts"][0]["mask"])
+    elsewhere = torch.zeros_like(under)
+    elsewhere[:3, :3] = True  # a corner blob, apart from the object (checked below)
+    assert not (elsewhere & under).any() and all(under[y, x] for x, y in pts)
+    both = under | elsewhere
+
+    def fake_segment(states, feats, image, maps=None, **text):  # (K, 1, H, W), present
+        return torch.where(both, 5.0, -5.0).expand(len(states), 1, *both.shape).clone(), \
+            torch.ones(len(states), 1)
+
+    monkeypatch.setattr(model.segmentation, "forward", fake_segment)
+    got = model.segment(sample["image"], **{kind: prompt})
+    assert len(got) == 1 and np.array_equal(got[0], under.numpy())
+    words = model.segment(sample["image"], expression="the red circle")
+    assert np.array_equal(words[0], both.numpy())
 
 
 def test_save_and_load_give_identical_segment_and_understand(model, saved, sample,
