@@ -18,10 +18,10 @@ from focus_ref.shapesworld import ShapesWorld
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
 SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
-# (fp16 on disk; refseg cIoU 0.668, GRES N-acc 0.81 / T-acc 0.98, region mIoU 0.869 (clicks
-# 0.804 with their refinement pass, 0.66 without: the click floor catches losing it), VQA 0.28,
-# tokenizer 28.3 dB / usage 0.98, edit success 0.167 with background PSNR 69.4 dB, generation
-# 0.22). They catch a checkpoint that no longer loads or works with the current code; they
+# (fp16 on disk; refseg cIoU 0.668, GRES N-acc 0.81 / T-acc 0.98, region mIoU 0.874 (clicks
+# 0.82 with their refinement pass and clean-up, 0.66 without: the click floor catches losing
+# them), VQA 0.28, tokenizer 28.3 dB / usage 0.98, edit success 0.167 with background PSNR
+# 69.4 dB, generation 0.22). They catch a checkpoint that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
 # shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
 FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.6, "gres.t_acc": 0.85, "region.miou": 0.75,
