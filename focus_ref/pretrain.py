@@ -277,11 +277,12 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     ("expression" for words) each mask gets a second pass as a mask prompt (SAM's interactive
     loop, which feeds the previous mask back in): a click marks a point, words a guess; the
     first mask marks the object, and its region tokens say what it looks like."""
-    masks = _segment_once(model, image, expression, region, max_targets)  # (K, H, W)
+    out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
+    masks = _segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
     kind, sc = "expression" if region is None else region[0], model.config.segmentation
     for k in range(len(masks)):
         if kind in sc.refine:
-            again = _segment_once(model, image, None, ("mask", masks[k].cpu().numpy()), 1)
+            again = _segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
             masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
         if kind in sc.connected:  # the prompt's points lie on the object: keep what joins them
             part = connected_to(masks[k], [region[1]] if kind == "click" else region[1])
@@ -302,10 +303,8 @@ def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
         seed = grown
 
 
-def _segment_once(model, image, expression, region, max_targets) -> torch.Tensor:
-    enc, llm = model.encoder, model.llm
-    out = enc(image)  # tokens (1, N, D), features
-    rtok = rmaps = None
+def _segment_once(model, image, out, expression, region, max_targets) -> torch.Tensor:
+    llm, rtok, rmaps = model.llm, None, None
     if region is not None:  # the prompt as region tokens (LLM) and dense prompt (decoder)
         maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
         rmaps = maps.to(image)  # (1, H, W)
