@@ -36,10 +36,12 @@ prompt -> one ValueError / TypeError naming the fix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from focus_ref.config import FocusConfig
@@ -50,6 +52,8 @@ EDIT, EDIT_REGION = "<image> edit: {}", "<image> <region> edit: {}"
 GENERATE = "generate: {}"
 NO_OBJECT, NOT_AN_EDIT = "no such object", "not an edit instruction"
 SLOT = "<v0>"  # marks a semantic-code position; its embedding is replaced (SemanticHead.embed)
+PROMPT_RMS, POSITION_NORM = 0.05, 0.5  # the decoder's view of the prompt (context_states):
+# each embedding scaled to RMS 0.05 (length 0.8 at D = 256, a word's), plus an order code of length 0.5
 
 
 class SemanticHead(nn.Module):
@@ -90,8 +94,26 @@ def context_states(code_states, prompt_embeds, prompt_mask) -> torch.Tensor:
     not its last-layer states (issue #6, measured): this tiny LLM's last-layer states of
     different prompts nearly coincide, so "make it blue" barely reached the decoder; a decoder
     alone, given the true mask, passed 0.47 of held-out edits with the instruction's token
-    embeddings and 0.30 with those last-layer states."""
-    return torch.cat([prompt_embeds * prompt_mask[..., None], code_states], 1)  # (R, T+N, D)
+    embeddings and 0.30 with those last-layer states.
+
+    Two things make the prompt readable to the decoder (measured, issue #6: 100 held-out
+    edits 0.18 -> 0.26, region given 0.22 -> 0.30): input embeddings carry no order (the LLM's
+    positions are rotary, inside attention), so "make the red circle blue" and "make the blue
+    circle red" would reach it as the same bag of words; and the image's tokens are ~60x
+    longer than a word's embedding, which drowns the words in the projection they share."""
+    rev = prompt_mask.flip(1).cumsum(1).flip(1) - 1  # (R, T): prompt tokens after this one
+    pos = sincos_1d(rev.clamp(min=0), prompt_embeds.shape[-1])  # (R, T, D) 0 = the last word
+    prompt = F.rms_norm(prompt_embeds, prompt_embeds.shape[-1:], eps=1e-6) * PROMPT_RMS  # same length
+    prompt = prompt + POSITION_NORM * pos.to(prompt.dtype)  # + order, counted from the end:
+    # left padding (inference) and right padding (training) agree on it
+    return torch.cat([prompt * prompt_mask[..., None], code_states], 1)  # (R, T+N, D), padding 0
+
+
+def sincos_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sine-cosine codes of integer positions (...,) -> (..., dim), norm 1."""
+    freq = torch.exp(-torch.arange(dim // 2, device=pos.device) / (dim // 2) * math.log(100.0))
+    ang = pos[..., None].float() * freq  # (..., dim/2)
+    return torch.cat([ang.sin(), ang.cos()], -1) / math.sqrt(dim // 2)  # (..., dim)
 
 
 # ----- inference ---------------------------------------------------------------------------

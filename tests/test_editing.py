@@ -34,6 +34,26 @@ def force_edit(model, monkeypatch, mask):
 
 
 # ----- examples and the joint loss ---------------------------------------------------------
+def test_the_decoder_reads_the_prompt_in_order_whatever_the_padding():
+    """context_states: word order reaches the decoder ("make the red circle blue" is not "make
+    the blue circle red"), counted from the prompt's end, so left padding (inference) and right
+    padding (training) give the same context; every prompt vector has the same length."""
+    g = torch.Generator().manual_seed(0)
+    words = torch.randn(5, 16, generator=g) * torch.tensor([1, 30, 1, 1, 1.0])[:, None]  # (T, D)
+    codes = torch.randn(1, 3, 16, generator=g)  # (1, N, D) states at the codes
+    right = torch.cat([words, torch.zeros(2, 16)])[None]  # (1, 7, D): padding after
+    left = torch.cat([torch.zeros(2, 16), words])[None]  # padding before
+    m_right, m_left = torch.tensor([[1] * 5 + [0] * 2]), torch.tensor([[0] * 2 + [1] * 5])
+    a, b = E.context_states(codes, right, m_right), E.context_states(codes, left, m_left)
+    torch.testing.assert_close(a[0, :5], b[0, 2:7])  # the same prompt tokens, the same vectors
+    assert (a[0, 5:7] == 0).all() and (b[0, :2] == 0).all()  # padding carries nothing
+    torch.testing.assert_close(a[0, 7:], codes[0])  # the code states pass unchanged
+    swapped = E.context_states(codes, words[[0, 3, 2, 1, 4]][None], torch.ones(1, 5))
+    assert not torch.allclose(swapped[0, 1], a[0, 3])  # a word's place is part of its vector
+    norms = (a[0, :5] - E.POSITION_NORM * E.sincos_1d(torch.arange(4, -1, -1), 16)).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full((5,), E.PROMPT_RMS * 4))  # 30x longer -> same
+
+
 # ----- inference paths ---------------------------------------------------------------------
 def test_edit_keeps_every_pixel_outside_the_predicted_mask(model, val, monkeypatch):
     s = val[0]
