@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,30 +86,49 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
     bar = tqdm(range(start, stage.cfg.steps), desc=stage.name, disable=not progress,
                initial=start, total=stage.cfg.steps, dynamic_ncols=True)
     t0, step = time.time(), start
-    for step in bar:
-        for g in opt_p.param_groups:
-            g["lr"] = lr_at(step, stage.cfg)
-        batch = _to(stage.batch_fn(step), acc.device)
-        with acc.autocast():
-            loss, logs = stage.loss_fn(batch)
-        if not torch.isfinite(loss):  # NaN guard: stop, keep the last good checkpoint
-            raise FloatingPointError(
-                f"{stage.name}: loss is {loss.item()} at step {step}; nothing was saved past "
-                f"the last good checkpoint in {ckpt}. Lower train.{stage.name[:6]}.lr or "
-                "check the batch, then rerun with --resume.")
-        opt_p.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt_p.step()
-        if step % stage.cfg.log_every == 0 or step == stage.cfg.steps - 1:
-            rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, stage.cfg),
-                   "time_s": round(time.time() - t0, 2), **logs}
-            history.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if (step + 1) % stage.cfg.ckpt_every == 0 or step == stage.cfg.steps - 1:
-            _save(acc.unwrap_model(model_p), opt, params, step + 1, history, ckpt)
+    with deterministic():  # same seed, same numbers: also across processes and --resume
+        for step in bar:
+            for g in opt_p.param_groups:
+                g["lr"] = lr_at(step, stage.cfg)
+            batch = _to(stage.batch_fn(step), acc.device)
+            with acc.autocast():
+                loss, logs = stage.loss_fn(batch)
+            if not torch.isfinite(loss):  # NaN guard: stop, keep the last good checkpoint
+                raise FloatingPointError(
+                    f"{stage.name}: loss is {loss.item()} at step {step}; nothing was saved past "
+                    f"the last good checkpoint in {ckpt}. Lower train.{stage.name[:6]}.lr or "
+                    "check the batch, then rerun with --resume.")
+            opt_p.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            acc.clip_grad_norm_(params, 1.0)
+            opt_p.step()
+            if step % stage.cfg.log_every == 0 or step == stage.cfg.steps - 1:
+                rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, stage.cfg),
+                       "time_s": round(time.time() - t0, 2), **logs}
+                history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if (step + 1) % stage.cfg.ckpt_every == 0 or step == stage.cfg.steps - 1:
+                _save(acc.unwrap_model(model_p), opt, params, step + 1, history, ckpt)
     model.eval()
     return history
+
+
+@contextmanager
+def deterministic():
+    """torch's deterministic kernels while training, the caller's setting restored after.
+
+    On a multi-threaded CPU the backward pass of an indexing gather (`codebook[codes]` in the
+    VQ losses) accumulates with atomic adds in thread order, so two runs of one seed drift
+    apart after a few hundred steps (all 156 tokenizer tensors of stage 1 differed between
+    two identical 300-step runs on 2 cores). The deterministic kernels cost ~5 % here.
+    warn_only: ops without a deterministic kernel (some on CUDA) warn instead of failing."""
+    was, warn = (torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:

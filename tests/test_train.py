@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from focus_ref import standins, train
-from focus_ref.config import FocusConfig
+from focus_ref.config import FocusConfig, StageConfig
 from focus_ref.encoder import DualEncoder
 from focus_ref.llm import FocusLLM
 
@@ -91,3 +91,35 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(cfg, tmp_pa
     assert '"step": 3' in saved  # the good checkpoint is untouched
     good = load_file(str(tmp_path / stage.name / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in good.values() if v.is_floating_point())
+
+
+def test_same_seed_gives_the_same_weights_on_several_threads(tmp_path):
+    """Two fits of one stage agree bitwise. The loss gathers rows of a table by index, as the
+    VQ losses do (`codebook[codes]`); on a multi-threaded CPU that gather's backward adds with
+    atomics in thread order unless fit runs torch's deterministic kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # one thread is always in order
+
+    def batch_fn(step):
+        g = torch.Generator().manual_seed(step)
+        return {"codes": torch.randint(0, 256, (16384,), generator=g),
+                "target": torch.randn(16384, 64, generator=g)}  # (N,), (N, D)
+
+    weights = []
+    try:
+        for run in range(2):
+            table = nn.Embedding(256, 64)
+            torch.nn.init.normal_(table.weight, generator=torch.Generator().manual_seed(0))
+
+            def loss_fn(batch, table=table):
+                rows = table.weight[batch["codes"]]  # (N, D): the gather
+                return ((rows - batch["target"]) ** 2).mean(), {}
+
+            sc = StageConfig(steps=4, lr=1e-2, batch_size=1, warmup=1, log_every=1, ckpt_every=4)
+            train.fit(table, train.Stage(f"run{run}", [table.weight], loss_fn, batch_fn, sc),
+                      tmp_path, progress=False)
+            weights.append(table.weight.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
