@@ -66,15 +66,19 @@ def train_throughput(step: Callable[[], object], batch_size: int, steps: int = 5
 
 
 def stage_step(stage) -> Callable[[], None]:
-    """One optimizer step of a train.Stage on a fixed batch (its step-0 batch)."""
+    """One optimizer step of a train.Stage on a fixed batch (its step-0 batch), with the
+    deterministic kernels train.fit runs."""
+    from focus_ref.train import deterministic
+
     opt = torch.optim.AdamW([p for p in stage.params if p.requires_grad], lr=stage.cfg.lr)
     batch = stage.batch_fn(0)
 
     def step():
-        loss, _ = stage.loss_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with deterministic():
+            loss, _ = stage.loss_fn(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return step
 
 
