@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/tiny", help="run folder (default runs/tiny)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's "
                    "checkpoints (same result as an uninterrupted run)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="training is deterministic: one seed on "
+                   "one machine and thread count gives the same weights, bit for bit")
     t.add_argument("--init", metavar="CHECKPOINT", help="start from a trained checkpoint, e.g. "
                    "to run only --stages 3-4 on top of earlier stages")
     t.add_argument("--quick", action="store_true", help="3 steps per stage (a smoke test)")
