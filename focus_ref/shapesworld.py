@@ -19,6 +19,7 @@ Coordinates are pixels, x = column, y = row; boxes are (x0, y0, x1, y1), both en
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,9 +62,17 @@ class Scene:
 
 
 # ----- rendering: hard rasterisation, so masks are exact ---------------------------------
+@functools.lru_cache(maxsize=8)
+def pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only (size, size) row and column coordinates of the pixel centres, built once."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
 def shape_mask(shape: str, x: float, y: float, r: float, size: int) -> np.ndarray:
     """Boolean (size, size) silhouette of one shape centred at (x, y) with radius r."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5  # pixel centres
+    yy, xx = pixel_centres(size)  # (size, size) each
     dx, dy = xx - x, yy - y
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -81,14 +90,18 @@ def radius(obj: Obj, size: int) -> float:
 
 
 def render_background(scene: Scene) -> np.ndarray:
-    s = scene.size
-    base = np.array(BG_COLORS[scene.bg_color], np.int16)
+    return _background(scene.background, scene.bg_color, scene.size).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _background(background: str, bg_color: str, s: int) -> np.ndarray:
+    base = np.array(BG_COLORS[bg_color], np.int16)
     img = np.broadcast_to(base, (s, s, 3)).copy()
     yy, xx = np.mgrid[0:s, 0:s]
     period = max(2, s // 16)
-    if scene.background == "striped":
+    if background == "striped":
         img[(xx // period) % 2 == 1] -= TEXTURE_SHADE
-    elif scene.background == "checkered":
+    elif background == "checkered":
         img[((xx // period) + (yy // period)) % 2 == 1] -= TEXTURE_SHADE
     return img.clip(0, 255).astype(np.uint8)
 
@@ -104,10 +117,12 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     return img, inst
 
 
-def visible_fractions(scene: Scene, inst: np.ndarray) -> list[float]:
-    full = [shape_mask(o.shape, o.x, o.y, radius(o, scene.size), scene.size).sum()
-            for o in scene.objects]
-    return [float((inst == k).sum()) / max(1, f) for k, f in enumerate(full)]
+def visible_fractions(masks: list[np.ndarray]) -> list[float]:
+    """The share of each silhouette (drawing order) that the later ones leave visible."""
+    inst = np.full(masks[0].shape, -1, np.int16)
+    for k, m in enumerate(masks):
+        inst[m] = k
+    return [float((inst == k).sum()) / max(1, m.sum()) for k, m in enumerate(masks)]
 
 
 # ----- scenes ----------------------------------------------------------------------------
@@ -119,15 +134,17 @@ def sample_scene(rng: np.random.Generator, size: int = 64, n_objects: int | None
         raise ValueError(f"cannot fit {n} objects in a {size}x{size} image: ask for fewer "
                          "objects or a larger image_size")
     scene = Scene([], str(rng.choice(TEXTURES)), str(rng.choice(list(BG_COLORS))), size)
+    masks: list[np.ndarray] = []  # the placed objects' silhouettes
     for _ in range(n):
         for _ in range(tries):
             o = Obj(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))),
                     str(rng.choice(list(SIZES))), 0.0, 0.0)
             r = radius(o, size)
             o.x, o.y = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
-            trial = Scene(scene.objects + [o], scene.background, scene.bg_color, size)
-            if min(visible_fractions(trial, render(trial)[1])) >= MIN_VISIBLE:
-                scene = trial
+            m = shape_mask(o.shape, o.x, o.y, r, size)
+            if min(visible_fractions(masks + [m])) >= MIN_VISIBLE:
+                scene.objects.append(o)
+                masks.append(m)
                 break
         else:
             raise ValueError(f"could not place {n} objects in a {size}x{size} image after "
@@ -284,7 +301,7 @@ def region_prompts(mask: np.ndarray, rng: np.random.Generator) -> dict:
 
 # ----- edits -----------------------------------------------------------------------------
 def make_edit(scene: Scene, inst: np.ndarray, rng: np.random.Generator,
-              kind: str | None = None) -> dict | None:
+              kind: str | None = None, image: np.ndarray | None = None) -> dict | None:
     """An instruction, the exact target image and the region allowed to change."""
     kind = str(rng.choice(EDIT_KINDS)) if kind is None else kind
     n, new = len(scene.objects), copy.deepcopy(scene)
@@ -309,7 +326,7 @@ def make_edit(scene: Scene, inst: np.ndarray, rng: np.random.Generator,
         room = {"left": o.x - lo, "right": hi - o.x, "up": o.y - lo, "down": hi - o.y}
         dirs = [d for d, v in room.items() if v >= step]
         if not dirs:
-            return make_edit(scene, inst, rng, "recolor")
+            return make_edit(scene, inst, rng, "recolor", image)
         d = str(rng.choice(dirs))
         o.x += {"left": -step, "right": step}.get(d, 0.0)
         o.y += {"up": -step, "down": step}.get(d, 0.0)
@@ -321,7 +338,7 @@ def make_edit(scene: Scene, inst: np.ndarray, rng: np.random.Generator,
     else:
         raise ValueError(f"unknown edit kind {kind!r}: choose one of {EDIT_KINDS}")
     target, t_inst = render(new)
-    source = render(scene)[0]
+    source = render(scene)[0] if image is None else image
     region = np.any(target != source, axis=-1)  # exactly the pixels the edit changes
     if kind == "background":
         region = (inst == -1) & (t_inst == -1)
@@ -337,12 +354,13 @@ def make_edit(scene: Scene, inst: np.ndarray, rng: np.random.Generator,
 
 # ----- the world -------------------------------------------------------------------------
 class ShapesWorld:
-    """Indexable, deterministic ShapesWorld split: sample i depends on (seed, split, i) only."""
+    """Indexable, deterministic ShapesWorld split: sample i depends on (seed, split, i) only.
+    "train" trains, "val" is held out and reported, "dev" chooses settings (never either)."""
 
     def __init__(self, cfg: DataConfig | None = None, split: str = "train"):
         self.cfg = cfg or DataConfig()
-        if split not in ("train", "val"):
-            raise ValueError(f"unknown split {split!r}: use 'train' or 'val'")
+        if split not in ("train", "val", "dev"):
+            raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'dev'")
         if not isinstance(self.cfg.seed, (int, np.integer)) or isinstance(self.cfg.seed, bool):
             raise TypeError(f"seed must be an int, got {self.cfg.seed!r}")
         self.split = split
@@ -350,7 +368,7 @@ class ShapesWorld:
     def rng(self, i: int) -> np.random.Generator:
         if not isinstance(i, (int, np.integer)) or i < 0:
             raise ValueError(f"sample index must be a non-negative int, got {i!r}")
-        offset = self.cfg.val_offset if self.split == "val" else 0
+        offset = {"train": 0, "val": self.cfg.val_offset, "dev": self.cfg.dev_offset}[self.split]
         return np.random.default_rng([int(self.cfg.seed), offset + int(i)])
 
     def scene(self, i: int, n_objects: int | None = None) -> Scene:
@@ -363,7 +381,8 @@ class ShapesWorld:
         scene = sample_scene(rng, c.image_size, None, c.min_objects, c.max_objects)
         image, inst = render(scene)
         prompts = [region_prompts(inst == k, rng) for k in range(len(scene.objects))]
-        edit = make_edit(scene, inst, rng) or make_edit(scene, inst, rng, "background")
+        edit = make_edit(scene, inst, rng, image=image) or make_edit(scene, inst, rng,
+                                                                     "background", image)
         return {"index": i, "image": image, "inst": inst, "scene": scene,
                 "caption": caption(scene), "qa": questions(scene, rng),
                 "refs": referring(scene, rng), "prompts": prompts, "edit": edit}

@@ -6,8 +6,8 @@ import pytest
 from focus_ref import oracle
 from focus_ref.config import DataConfig
 from focus_ref.shapesworld import (COLORS, MIN_VISIBLE, SHAPES, Obj, Scene, ShapesWorld,
-                                   matches, radius, render, sample_scene, shape_mask,
-                                   visible_fractions)
+                                   matches, pixel_centres, radius, render, sample_scene,
+                                   shape_mask, visible_fractions)
 
 N = 40  # scenes checked per property
 
@@ -33,6 +33,18 @@ def test_same_seed_same_bytes_other_seed_other_scene():
     assert v["image"].tobytes() != a["image"].tobytes()  # val is disjoint from train
 
 
+def test_renders_are_the_callers_to_change(world):
+    """Rendering reuses cached pixel grids and backgrounds (speed): changing what it returns
+    must not change the next scene."""
+    scene = world.scene(3)
+    first = render(scene)[0]
+    img, inst = render(scene)
+    img[:], inst[:] = 0, 7
+    assert np.array_equal(render(scene)[0], first) and render(scene)[0].any()
+    with pytest.raises(ValueError):  # the shared grids are read-only
+        pixel_centres(64)[0][0, 0] = 1.0
+
+
 def test_variety(samples):
     objs = [o for s in samples for o in s["scene"].objects]
     assert {o.shape for o in objs} == set(SHAPES) and len(SHAPES) >= 4
@@ -48,14 +60,15 @@ def test_masks_partition_image_and_apply_occlusion(samples):
         scene, inst = s["scene"], s["inst"]
         n = len(scene.objects)
         assert inst.dtype == np.int16 and set(np.unique(inst)) <= set(range(-1, n))
-        painted = np.full(inst.shape, -1)
+        painted, silhouettes = np.full(inst.shape, -1), []
         for k, o in enumerate(scene.objects):  # the later object wins where shapes overlap
             full = shape_mask(o.shape, o.x, o.y, radius(o, scene.size), scene.size)
             painted[full] = k
+            silhouettes.append(full)
             assert np.array_equal(s["image"][inst == k], np.tile(COLORS[o.color], ((inst == k).sum(), 1)))
             occluded += int(full.sum() > (inst == k).sum())
         assert np.array_equal(painted, inst)
-        assert min(visible_fractions(scene, inst)) >= MIN_VISIBLE
+        assert min(visible_fractions(silhouettes)) >= MIN_VISIBLE
     assert occluded > 0  # occlusion actually happens in the sample
 
 
