@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys)"))
-    e.add_argument("--split", default="val", choices=["val", "train"])
+    e.add_argument("--split", default="val", choices=["val", "train", "dev"])
     e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     e.add_argument("--json", help="also write the metrics to this file")
     e.set_defaults(fn=cmd_eval)

@@ -31,6 +31,7 @@ class DataConfig:
     max_objects: int = 6
     seed: int = 0  # generator seed; the val split uses a disjoint index range
     val_offset: int = 1_000_000  # sample i of split "val" is scene val_offset + i
+    dev_offset: int = 2_000_000  # split "dev": for choosing settings, never trained on or reported
 
 
 @dataclass
@@ -112,6 +113,8 @@ class SegmentationConfig:
     region_grid: int = 8  # a region prompt's shape is seen on a grid x grid raster
     prompt_radius: float = 2.0  # pixels: click disc radius, scribble half-width
     w_presence: float = 1.0  # weight of the "object present" BCE (GRES no-target)
+    presence_threshold: float = 0.0  # presence logit above which a <seg> has a target; the
+    #   main job sets it on dev scenes after training (evaluate.calibrate_presence)
     max_words: int = 32  # learned word positions (a longer expression shares the last one)
     refine: tuple = ("click", "expression")  # prompts whose masks go back in once as mask
     #   prompts (SAM's iterative refinement). Tiny, shipped checkpoint, 200 held-out scenes:
@@ -201,7 +204,7 @@ class TrainConfig:
         steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
     stage3_scenes: int = 2000  # stages 0d and 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=lambda: StageConfig(  # region-controlled editing
-        steps=300, lr=1e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=100))
+        steps=420, lr=1e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=100))
     stage4_rehearsal: int = 4  # stage 4: stage-3 examples per step (against forgetting)
     stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
         steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))

@@ -260,7 +260,8 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
                                               images[idx], rmaps[idx] if rows else None,
                                               text_states=words, text_mask=keep)
         pred = logits[:, 0] > 0  # (E, H, W)
-        empty = (presence[:, 0] <= 0) | (pred.flatten(1).sum(1) == 0)  # nothing to edit
+        thr = model.config.segmentation.presence_threshold  # GRES operating point (dev)
+        empty = (presence[:, 0] <= thr) | (pred.flatten(1).sum(1) == 0)  # nothing to edit
         pred[empty] = True  # placeholder so the batch can run; these rows are refused below
         edited = edit_image(model.diffusion, model.visual_tokenizer, images[idx], pred,
                             sem_codes=codes, llm_states=states, generator=generator,

@@ -321,3 +321,46 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
                                           s["scene"]) for i, s in enumerate(bar(samples[:50], "gen"))]
         out.update({"gen.attr_acc": float(np.mean(accs)), "gen.n": len(accs)})
     return out
+
+
+# ----- the GRES operating point, chosen on dev scenes ---------------------------------------
+@torch.no_grad()
+def calibrate_presence(model, n: int = 300, progress: bool = True) -> dict[str, float]:
+    """Set the presence threshold (a logit) above which a `<seg>` counts as "there": the one
+    that makes GRES's N-acc and T-acc as high as they can be together (the largest minimum
+    of the two; ties: the larger mean) on the expressions of n scenes of split "dev" (never
+    trained on, never reported). The presence head learns its scores from ~one absent
+    expression in eight, so 0 (probability one half) need not be where the two accuracies
+    balance. Sets model.config.segmentation.presence_threshold; returns what dev measured."""
+    from tqdm import tqdm
+
+    from focus_ref.data import image_to_tensor
+    from focus_ref.pretrain import segment_once
+    from focus_ref.shapesworld import ShapesWorld
+
+    world, model = ShapesWorld(model.config.data, "dev"), model.eval()
+    scores, truth = [], []  # per expression: its best <seg>'s presence logit; has a target
+    for i in tqdm(range(n), desc="calibrate", leave=False, disable=not progress):
+        s = world.sample(i)
+        x = image_to_tensor(s["image"])[None].to(model.device)  # (1, 3, H, W)
+        out = model.encoder(x)
+        for r in s["refs"]:
+            _, p = segment_once(model, x, out, r["text"], None, 8, -math.inf, scores=True)
+            scores.append(p.max().item() if len(p) else -math.inf)  # no <seg>: "no target"
+            truth.append(len(r["targets"]) > 0)
+    res = operating_point(np.array(scores), np.array(truth))
+    model.config.segmentation.presence_threshold = res["threshold"]
+    return res
+
+
+def operating_point(scores, true_has, grid=None) -> dict[str, float]:
+    """The threshold t of `grid` (default -4 to 8 in steps of 1/4) whose decisions
+    `scores > t` give the largest min(N-acc, T-acc) (ties: the larger sum); scores (N,),
+    -inf for "no <seg> at all"."""
+    best = None
+    for t in np.arange(-4.0, 8.01, 0.25) if grid is None else grid:
+        has = np.asarray(scores) > t
+        na, ta = n_acc(has, true_has), t_acc(has, true_has)
+        if best is None or (min(na, ta), na + ta) > best[0]:
+            best = ((min(na, ta), na + ta), {"threshold": float(t), "n_acc": na, "t_acc": ta})
+    return {**best[1], "n": len(scores)}

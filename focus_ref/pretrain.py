@@ -278,11 +278,11 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     loop, which feeds the previous mask back in): a click marks a point, words a guess; the
     first mask marks the object, and its region tokens say what it looks like."""
     out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
-    masks = _segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
+    masks = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
     kind, sc = "expression" if region is None else region[0], model.config.segmentation
     for k in range(len(masks)):
         if kind in sc.refine:
-            again = _segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
+            again = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
             masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
         if kind in sc.connected:  # the prompt's points lie on the object: keep what joins them
             part = connected_to(masks[k], [region[1]] if kind == "click" else region[1])
@@ -303,7 +303,11 @@ def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
         seed = grown
 
 
-def _segment_once(model, image, out, expression, region, max_targets) -> torch.Tensor:
+def segment_once(model, image, out, expression, region, max_targets, threshold=None,
+                 scores: bool = False):
+    """One pass: the LLM writes its <seg>s, the predictor their masks (K', H, W); a <seg>
+    whose presence logit is not above `threshold` (default: the config's) gives none.
+    scores=True: also the kept masks' presence logits (K',)."""
     llm, rtok, rmaps = model.llm, None, None
     if region is not None:  # the prompt as region tokens (LLM) and dense prompt (decoder)
         maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
@@ -315,7 +319,8 @@ def _segment_once(model, image, out, expression, region, max_targets) -> torch.T
                        max_new_tokens=max_targets + 1)
     pos = [t for t, i in enumerate(gen["ids"][0]) if i == llm.seg_id][:max_targets]
     if not pos:  # the LLM answered in words: "no target"
-        return torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)
+        none = torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)
+        return (none, torch.zeros(0, device=image.device)) if scores else none
     states = gen["hidden"][:, pos]  # (1, K, D): the state that wrote each <seg> (LISA)
     maps = None if rmaps is None else rmaps[:, None].expand(1, len(pos), -1, -1)  # (1, K, H, W)
     batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)  # the prompt only
@@ -324,8 +329,10 @@ def _segment_once(model, image, out, expression, region, max_targets) -> torch.T
     states = states + mean[:, None]  # (1, K, D) as in training
     logits, presence = model.segmentation(states, out.features, image, maps, text_states=words,
                                           text_mask=keep)  # (1, K, H, W), (1, K)
-    masks = model.segmentation.to_masks(logits, presence)[0]  # (K, H, W)
-    return masks[masks.flatten(1).any(1)]  # (K', H, W) drop empty answers
+    thr = model.config.segmentation.presence_threshold if threshold is None else threshold
+    masks = model.segmentation.to_masks(logits, presence, thr)[0]  # (K, H, W)
+    keep = masks.flatten(1).any(1)  # drop empty answers
+    return (masks[keep], presence[0, keep]) if scores else masks[keep]  # (K', H, W), (K',)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@
 builds FocusModel(FocusConfig.tiny()), runs stage 0 (stand-ins for the pretrained backbones),
 stage 1 (tokenizer + diffusion decoder), stage 2 (adapter warm-up), stage 3 (multimodal
 pretraining with segmentation; arrives with issue 5) and stage 4 (region-controlled editing) — the progressive
-recipe of the paper (§3.5) — and writes a run folder:
+recipe of the paper (§3.5) — then sets the predictor's "no target" threshold on dev scenes
+(evaluate.calibrate_presence), evaluates on held-out scenes and writes a run folder:
 
     runs/tiny/config.json        the config (FocusConfig JSON)
     runs/tiny/stage*/            each stage's resumable checkpoint (safetensors)
@@ -75,7 +76,7 @@ def train_stage_fields(cfg: FocusConfig):
 def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/tiny",
              resume: bool = False, seed: int = 0, quick: bool = False, init: str | None = None,
              eval_n: int | None = None, progress: bool = True) -> dict:
-    from focus_ref.evaluate import evaluate_model
+    from focus_ref.evaluate import calibrate_presence, evaluate_model
     from focus_ref.model import FocusModel
 
     out = Path(out)
@@ -98,7 +99,11 @@ def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/
         t0 = time.time()
         histories[n] = STAGES[n](model, cfg, out, resume=resume, progress=progress)
         minutes[f"time.stage{n}_min"] = round((time.time() - t0) / 60, 2)
-    model.save_pretrained(out / "final")
+    if {3, 4} & set(order):  # the presence head trained: choose its GRES operating point
+        t0 = time.time()
+        calibrate_presence(model, n=4 if quick else 300, progress=progress)
+        minutes["time.calibrate_min"] = round((time.time() - t0) / 60, 2)
+    model.save_pretrained(out / "final")  # (its config holds the chosen threshold)
     t0 = time.time()
     metrics = evaluate_model(model, "val", n=eval_n or (8 if quick else 200), progress=progress,
                              tasks=TASKS)

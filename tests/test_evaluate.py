@@ -57,6 +57,15 @@ def test_gres_n_acc_t_acc_by_hand():
     assert s["n"] == 4 and s["ciou"] == pytest.approx(5 / 8) and s["n_acc"] == 0.5
 
 
+def test_operating_point_balances_n_acc_and_t_acc_by_hand():
+    # presence scores of 4 expressions without a target and 4 with one (-inf: no <seg>)
+    scores = [-math.inf, 0.1, 0.6, 1.2, 0.4, 1.5, 2.0, 3.0]
+    truth = [False] * 4 + [True] * 4
+    op = ev.operating_point(scores, truth, grid=np.arange(0.0, 3.0, 0.5))
+    # t = 0.5: N 2/4, T 3/4; t = 1.0: N 3/4, T 3/4 (the best minimum); t = 1.5: N 1, T 2/4
+    assert op == {"threshold": 1.0, "n_acc": 0.75, "t_acc": 0.75, "n": 8}
+
+
 def test_iou_matches_pycocotools_on_rle():
     rng = np.random.default_rng(0)
     p = rng.random((6, 23, 17)) < 0.4

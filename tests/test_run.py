@@ -5,6 +5,8 @@ import json
 import pytest
 
 from focus_ref.__main__ import main
+from focus_ref.evaluate import calibrate_presence
+from focus_ref.model import FocusModel
 from focus_ref.run import main_job, parse_stages
 
 
@@ -28,8 +30,12 @@ def test_quick_main_job_writes_a_complete_run_folder(tmp_path):
     for key in ("refseg.ciou", "refseg.giou", "gres.n_acc", "gres.t_acc", "region.miou",
                 "vqa.acc", "tokenizer.psnr", "tokenizer.code_usage", "edit.success",
                 "edit.bg_psnr", "gen.attr_acc", "time.stage0_min", "time.stage3_min",
-                "time.stage4_min"):  # every DESIGN §6 key, and each stage's minutes
+                "time.stage4_min", "time.calibrate_min"):  # every DESIGN §6 key, the minutes
         assert key in saved, key
+    # the "no target" threshold chosen on dev scenes is saved with the model
+    final = FocusModel.from_pretrained(out / "final")
+    chosen = final.config.segmentation.presence_threshold
+    assert calibrate_presence(final, n=4, progress=False)["threshold"] == chosen
     assert "| `edit.success` |" in (out / "report.md").read_text()
     # an existing run is never overwritten without --resume: one line, exit status 2
     assert main(["train", "--out", str(out), "--quick"]) == 2
