@@ -3,6 +3,7 @@ the held-out numbers its metrics.json records (within sampling margin, on fewer 
 is the default of every CLI command, so a new user's first command shows a real result."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from focus_ref.__main__ import main
-from focus_ref.editing import edit_quality, refusal_quality
+from focus_ref.editing import NO_OBJECT, edit_quality, refusal_quality
 from focus_ref.evaluate import evaluate_model
 from focus_ref.model import FocusModel
 from focus_ref.shapesworld import ShapesWorld
@@ -18,16 +19,17 @@ from focus_ref.shapesworld import ShapesWorld
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
 SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
-# (fp16 on disk; refseg cIoU 0.664, GRES N-acc 0.83 / T-acc 0.95, region mIoU 0.88 (clicks
-# 0.83 with their refinement pass and clean-up), VQA 0.27, tokenizer 28.4 dB / usage 0.98,
-# edit success 0.167 with background PSNR 72.6 dB, generation 0.16). They catch a checkpoint
+# (fp16 on disk; refseg cIoU 0.661, GRES N-acc 0.90 / T-acc 0.95 at the presence threshold
+# the main job chose on dev scenes (0.79 / 0.98 without it), region mIoU 0.88 (clicks 0.85
+# with their refinement pass and clean-up), VQA 0.31, tokenizer 28.4 dB / usage 0.98, edit
+# success 0.21 with background PSNR 73.8 dB, generation 0.19). They catch a checkpoint
 # that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
 # shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
-FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.8, "gres.t_acc": 0.85, "region.miou": 0.75,
+FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.85, "gres.t_acc": 0.85, "region.miou": 0.75,
           "region.click.miou": 0.72,
           "vqa.acc": 0.2, "tokenizer.psnr": 28.0, "tokenizer.code_usage": 0.5,
-          "edit.success": 0.02, "edit.bg_psnr": 28.0, "gen.attr_acc": 0.1}
+          "edit.success": 0.1, "edit.bg_psnr": 28.0, "gen.attr_acc": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,27 @@ def test_held_out_quality_meets_the_floors(model):
 def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, val):
     q = edit_quality(model, val[:32])
     assert q["bg_psnr"] >= 28, q  # outside the predicted region the source is kept
-    # absent objects: this checkpoint refuses 11 of these 18 (issue 6 asks for all; stage 4
-    # trains an empty <seg> for them, GRES-style; the one before refused 9); a floor
-    assert refusal_quality(model, val[:24])["refused"] >= 0.15
+    # absent objects: this checkpoint refuses 14 of these 18 (issue 6 asks for all; stage 4
+    # trains an empty <seg> for them, GRES-style; 10 at presence threshold 0); a floor
+    assert refusal_quality(model, val[:24])["refused"] >= 0.5
+
+
+def test_the_presence_threshold_decides_no_target(model, val):
+    """The main job chose the "no target" threshold on dev scenes; segment and edit obey it."""
+    thr = model.config.segmentation.presence_threshold
+    assert thr > 0  # calibrated (the untrained default is 0)
+    s = val[1]
+    ref = next(r for r in s["refs"] if r["targets"])
+    try:
+        model.config.segmentation.presence_threshold = -math.inf  # every <seg> is "there"
+        assert model.segment(s["image"], expression=ref["text"])
+        model.config.segmentation.presence_threshold = math.inf  # nothing is
+        assert model.segment(s["image"], expression=ref["text"]) == []
+        with pytest.warns(UserWarning, match="no such object"):
+            out = model.edit(s["image"], s["edit"]["instruction"])
+        assert out.info["focus_reason"] == NO_OBJECT and (np.asarray(out) == s["image"]).all()
+    finally:
+        model.config.segmentation.presence_threshold = thr
 
 
 def test_the_readme_commands_run_on_the_shipped_scene(tmp_path, capsys):
