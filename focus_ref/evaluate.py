@@ -1,4 +1,4 @@
-"""Evaluation: the metrics of DESIGN §5, and (later) the evaluation report.
+"""Evaluation: the metrics of DESIGN §5, `evaluate_model`, and the GRES operating point.
 
 FOCUS (arXiv 2506.16806, §4) reports referring segmentation in cIoU, generalised referring
 (several targets or none, after InstanceVG / GRES) in gIoU, N-acc and T-acc, understanding
