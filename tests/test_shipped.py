@@ -19,10 +19,10 @@ from focus_ref.shapesworld import ShapesWorld
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
 SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
-# (fp16 on disk; refseg cIoU 0.661, GRES N-acc 0.90 / T-acc 0.95 at the presence threshold
-# the main job chose on dev scenes (0.79 / 0.98 without it), region mIoU 0.88 (clicks 0.85
-# with their refinement pass and clean-up), VQA 0.31, tokenizer 28.4 dB / usage 0.98, edit
-# success 0.21 with background PSNR 73.8 dB, generation 0.19). They catch a checkpoint
+# (fp16 on disk; refseg cIoU 0.675, GRES N-acc 0.94 / T-acc 0.92 at the presence threshold
+# the main job chose on dev scenes (a run before: 0.90 / 0.95 with it, 0.79 / 0.98 without),
+# region mIoU 0.87 (clicks 0.82 with their refinement pass and clean-up), VQA 0.29, tokenizer
+# 28.4 dB / usage 0.98, edit success 0.23 with background PSNR 76 dB, generation 0.20). They catch a checkpoint
 # that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
 # shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
