@@ -259,9 +259,9 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
                                               [f[idx] for f in out.features],
                                               images[idx], rmaps[idx] if rows else None,
                                               text_states=words, text_mask=keep)
-        pred = logits[:, 0] > 0  # (E, H, W)
         thr = model.config.segmentation.presence_threshold  # GRES operating point (dev)
-        empty = (presence[:, 0] <= thr) | (pred.flatten(1).sum(1) == 0)  # nothing to edit
+        pred = model.segmentation.to_masks(logits, presence, thr)[:, 0]  # (E, H, W)
+        empty = ~pred.flatten(1).any(1)  # nothing to edit: no mask, or presence says absent
         pred[empty] = True  # placeholder so the batch can run; these rows are refused below
         edited = edit_image(model.diffusion, model.visual_tokenizer, images[idx], pred,
                             sem_codes=codes, llm_states=states, generator=generator,

@@ -335,7 +335,7 @@ def calibrate_presence(model, n: int = 300, progress: bool = True) -> dict[str, 
     from tqdm import tqdm
 
     from focus_ref.data import image_to_tensor
-    from focus_ref.pretrain import segment_once
+    from focus_ref.pretrain import MAX_TARGETS, segment_once
     from focus_ref.shapesworld import ShapesWorld
 
     world, model = ShapesWorld(model.config.data, "dev"), model.eval()
@@ -345,7 +345,7 @@ def calibrate_presence(model, n: int = 300, progress: bool = True) -> dict[str, 
         x = image_to_tensor(s["image"])[None].to(model.device)  # (1, 3, H, W)
         out = model.encoder(x)
         for r in s["refs"]:
-            _, p = segment_once(model, x, out, r["text"], None, 8, -math.inf, scores=True)
+            _, p = segment_once(model, x, out, r["text"], None, MAX_TARGETS, -math.inf)
             scores.append(p.max().item() if len(p) else -math.inf)  # no <seg>: "no target"
             truth.append(len(r["targets"]) > 0)
     res = operating_point(np.array(scores), np.array(truth))
@@ -357,9 +357,9 @@ def operating_point(scores, true_has, grid=None) -> dict[str, float]:
     """The threshold t of `grid` (default -4 to 8 in steps of 1/4) whose decisions
     `scores > t` give the largest min(N-acc, T-acc) (ties: the larger sum); scores (N,),
     -inf for "no <seg> at all"."""
-    best = None
+    best, scores = None, np.asarray(scores)
     for t in np.arange(-4.0, 8.01, 0.25) if grid is None else grid:
-        has = np.asarray(scores) > t
+        has = scores > t
         na, ta = n_acc(has, true_has), t_acc(has, true_has)
         if best is None or (min(na, ta), na + ta) > best[0]:
             best = ((min(na, ta), na + ta), {"threshold": float(t), "n_acc": na, "t_acc": ta})

@@ -50,6 +50,7 @@ from focus_ref.segmentation import PROMPT_KINDS
 from focus_ref.train import Stage, _train_only, fit, pooled
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
+MAX_TARGETS = 8  # <seg>s one expression may get at inference
 WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
 TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
                "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
@@ -270,7 +271,7 @@ def stage3(model, cfg: FocusConfig, out_dir, resume: bool = False, progress: boo
 # ----- inference: segment and understand ---------------------------------------------------
 @torch.no_grad()
 def segment_masks(model, image: torch.Tensor, expression: str | None = None,
-                  region: tuple | None = None, max_targets: int = 8) -> torch.Tensor:
+                  region: tuple | None = None, max_targets: int = MAX_TARGETS) -> torch.Tensor:
     """image (1, 3, H, W) in [-1, 1] + words or a (kind, value) region prompt -> boolean
     masks (K, H, W), one per `<seg>` the LLM writes whose presence score says "there";
     K = 0 is the "no target" answer. For a prompt kind listed in segmentation.refine
@@ -278,11 +279,11 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     loop, which feeds the previous mask back in): a click marks a point, words a guess; the
     first mask marks the object, and its region tokens say what it looks like."""
     out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
-    masks = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
+    masks, _ = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
     kind, sc = "expression" if region is None else region[0], model.config.segmentation
     for k in range(len(masks)):
         if kind in sc.refine:
-            again = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
+            again, _ = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
             masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
         if kind in sc.connected:  # the prompt's points lie on the object: keep what joins them
             part = connected_to(masks[k], [region[1]] if kind == "click" else region[1])
@@ -303,11 +304,10 @@ def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
         seed = grown
 
 
-def segment_once(model, image, out, expression, region, max_targets, threshold=None,
-                 scores: bool = False):
-    """One pass: the LLM writes its <seg>s, the predictor their masks (K', H, W); a <seg>
-    whose presence logit is not above `threshold` (default: the config's) gives none.
-    scores=True: also the kept masks' presence logits (K',)."""
+def segment_once(model, image, out, expression, region, max_targets, threshold=None):
+    """One pass: the LLM writes its <seg>s, the predictor their masks; a <seg> whose presence
+    logit is not above `threshold` (default: the config's) gives none. Returns the kept masks
+    (K', H, W) and their presence logits (K',)."""
     llm, rtok, rmaps = model.llm, None, None
     if region is not None:  # the prompt as region tokens (LLM) and dense prompt (decoder)
         maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
@@ -320,7 +320,7 @@ def segment_once(model, image, out, expression, region, max_targets, threshold=N
     pos = [t for t, i in enumerate(gen["ids"][0]) if i == llm.seg_id][:max_targets]
     if not pos:  # the LLM answered in words: "no target"
         none = torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)
-        return (none, torch.zeros(0, device=image.device)) if scores else none
+        return none, torch.zeros(0, device=image.device)
     states = gen["hidden"][:, pos]  # (1, K, D): the state that wrote each <seg> (LISA)
     maps = None if rmaps is None else rmaps[:, None].expand(1, len(pos), -1, -1)  # (1, K, H, W)
     batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)  # the prompt only
@@ -332,7 +332,7 @@ def segment_once(model, image, out, expression, region, max_targets, threshold=N
     thr = model.config.segmentation.presence_threshold if threshold is None else threshold
     masks = model.segmentation.to_masks(logits, presence, thr)[0]  # (K, H, W)
     keep = masks.flatten(1).any(1)  # drop empty answers
-    return (masks[keep], presence[0, keep]) if scores else masks[keep]  # (K', H, W), (K',)
+    return masks[keep], presence[0, keep]  # (K', H, W), (K',)
 
 
 @torch.no_grad()

@@ -106,12 +106,17 @@ def _background(background: str, bg_color: str, s: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
+def silhouettes(scene: Scene) -> list[np.ndarray]:
+    """Each object's whole (unoccluded) boolean (H, W) silhouette, in drawing order."""
+    return [shape_mask(o.shape, o.x, o.y, radius(o, scene.size), scene.size)
+            for o in scene.objects]
+
+
 def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """Scene -> (image uint8 (H, W, 3), inst int16 (H, W): -1 background, k object k)."""
     img = render_background(scene)
     inst = np.full((scene.size, scene.size), -1, np.int16)
-    for k, o in enumerate(scene.objects):  # painter's order = occlusion
-        m = shape_mask(o.shape, o.x, o.y, radius(o, scene.size), scene.size)
+    for k, (o, m) in enumerate(zip(scene.objects, silhouettes(scene))):  # painter's order
         img[m] = COLORS[o.color]
         inst[m] = k
     return img, inst

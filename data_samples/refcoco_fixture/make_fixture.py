@@ -17,7 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from focus_ref.config import DataConfig
-from focus_ref.shapesworld import SHAPES, ShapesWorld, radius, shape_mask, visible_fractions
+from focus_ref.shapesworld import SHAPES, ShapesWorld, radius, silhouettes, visible_fractions
 
 HERE = Path(__file__).resolve().parent
 SCENES = [(64, 0), (64, 1), (96, 2)]  # (image size, val index)
@@ -55,8 +55,7 @@ def main():
         name = f"shapes_{image_id:06d}.png"
         Image.fromarray(s["image"]).save(HERE / "images" / name)
         images.append({"id": image_id, "file_name": name, "height": size, "width": size})
-        vis = visible_fractions([shape_mask(o.shape, o.x, o.y, radius(o, size), size)
-                                 for o in s["scene"].objects])
+        vis = visible_fractions(silhouettes(s["scene"]))
         ids = []
         for k, o in enumerate(s["scene"].objects):
             m = s["inst"] == k
