@@ -58,6 +58,12 @@ class EncoderConfig:
     dense_heads: tuple = (7, 5, 3)  # stage 0c stand-in: classes of the per-pixel colour / shape /
     #                   size heads on the ConvNeXt (ShapesWorld's, + background); () = none (paper:
     #                   the released ConvNeXt-L already knows shapes)
+    vit_dense: bool = False  # stage 0c also teaches each ViT token what is in its window
+    #   (held out: colour 0.92, shape 0.67, size 0.85 of object pixels). Measured (issue #5, 2
+    #   cores): a probe reads which (colour, shape) pairs a held-out image holds from the LLM's
+    #   image tokens with recall 0.04 without it, 0.39 with it (ViT tokens 0.10 -> 0.57), yet
+    #   the main job's VQA stayed at chance (0.33), its stage 0 took 1.3 min longer, and edit /
+    #   generation on 300 dev scenes went 0.30 / 0.27 -> 0.27 / 0.28: off
 
     @property
     def vit_dim(self) -> int:

@@ -23,6 +23,7 @@ What this file builds, on transformers classes:
   adapter          Linear-GELU-Linear, as LLaVA-1.5
   stage 0 heads    `ContrastiveHead`: CLIP-style image/caption embeddings for both branches;
                    `dense_head`: per-pixel object attributes from the stride-4 and -8 maps
+                   (with encoder.vit_dense also `vit_dense_head`: from each ViT token)
 
 Sizes (tiny): low_res 32 / patch 8 -> N = 16 tokens; high_res 64 -> maps 16, 8, 4, 2 px;
 each token's window is 4 x 4 positions of the stride-4 map. Images of another size are
@@ -187,6 +188,10 @@ class DualEncoder(nn.Module):
         # on the two finest maps, the ones the mask decoder reads (dense_loss)
         self.dense_head = nn.ModuleList(nn.Conv2d(c, sum(e.dense_heads), 1)
                                         for c in e.convnext_dims[:2]) if e.dense_heads else None
+        # ... and, with encoder.vit_dense, on each ViT token: the attributes at its window's
+        # M x M stride-4 positions (vit_dense_map)
+        self.vit_dense_head = nn.Linear(self.vit_dim, sum(e.dense_heads) * self.fusion.window ** 2
+                                        ) if e.dense_heads and e.vit_dense else None
 
     def _check(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values
@@ -267,11 +272,23 @@ class DualEncoder(nn.Module):
                                    align_corners=False)  # (B, sum K_a, H, W)
             for a, lg in enumerate(logits.split(sizes, 1)):  # (B, K_a, H, W) per attribute
                 losses.append(F.cross_entropy(lg, labels[:, a]))
-        loss = sum(losses) / len(losses)
-        n = len(sizes)  # per attribute, both maps
+        n = len(sizes)  # per attribute: both ConvNeXt maps (and the ViT's)
         logs = {k: (losses[i].item() + losses[i + n].item()) / 2
                 for i, k in enumerate(("dense_color", "dense_shape", "dense_size")[:n])}
-        return loss, logs
+        if self.vit_dense_head is not None:
+            vit = self.vit_dense_map(self.vanilla(x))  # (B, sum K_a, G*M, G*M) the ViT tokens'
+            s = labels.shape[-1] // vit.shape[-1]  # the labels at the centre of each position
+            for a, lg in enumerate(vit.split(sizes, 1)):
+                losses.append(F.cross_entropy(lg, labels[:, a, s // 2::s, s // 2::s]))
+            logs["dense_vit"] = sum(v.item() for v in losses[2 * n:]) / n
+        return sum(losses) / len(losses), logs
+
+    def vit_dense_map(self, global_feats: torch.Tensor) -> torch.Tensor:
+        """Stage 0c on the ViT: each token's logits for the M x M stride-4 positions of its
+        window, laid out as a map (B, N, C_vit) -> (B, sum K_a, G*M, G*M)."""
+        B, G, M = len(global_feats), self.grid, self.fusion.window
+        out = self.vit_dense_head(global_feats).reshape(B, G, G, M, M, -1)  # (B, G, G, M, M, K)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(B, -1, G * M, G * M)  # (B, K, G*M, G*M)
 
     # ----- paper scale: stage 0 = load the released weights -------------------------------
     def load_pretrained(self, vit_path: str | None = None, convnext_path: str | None = None):

@@ -117,7 +117,10 @@ def stage0_dense(model: nn.Module, cfg) -> Stage:
     def loss_fn(batch):
         return enc.dense_loss(batch["image"], batch["labels"])
 
-    params = _train_only(model, [enc.convnext, enc.dense_head])
+    parts = [enc.convnext, enc.dense_head]
+    if enc.vit_dense_head is not None:  # encoder.vit_dense: the ViT learns it too
+        parts += [enc.vit, enc.vit_dense_head]
+    params = _train_only(model, parts)
     return Stage("stage0_dense", params, loss_fn, batch_fn, sc, cfg.train.seed)
 
 
@@ -230,22 +233,30 @@ def clip_retrieval(model: nn.Module, cfg, n: int = 256, split: str = "val") -> d
 @torch.no_grad()
 def dense_accuracy(model: nn.Module, cfg, n: int = 200, split: str = "val") -> dict:
     """Held-out share of object pixels whose colour / shape / size the stage-0c heads read
-    right (stride-8 head), and the share of background pixels called background."""
+    right (the ConvNeXt's stride-8 head; `vit_*`: the ViT tokens' head), and the share of
+    background pixels called background."""
     enc = model.encoder.eval()
     images, labels = dense_pool(cfg, split, n)
     dev, sizes = next(enc.parameters()).device, list(cfg.encoder.dense_heads)
-    hits, total, bg_hits, bg_total = torch.zeros(len(sizes)), 0, 0, 0
+    hits, total, bg_hits, bg_total = torch.zeros(2, len(sizes)), 0, 0, 0
     for i in range(0, n, 64):
         x, y = images[i:i + 64].to(dev), labels[i:i + 64].to(dev)  # (b, 3, H, W), (b, A, H, W)
         f = enc.hierarchical(x)[0][1]  # (b, C_2, H/8, W/8) the map the mask decoder reads
-        logits = F.interpolate(enc.dense_head[1](f), size=y.shape[-2:], mode="bilinear",
-                               align_corners=False)  # (b, sum K_a, H, W)
-        pred = torch.stack([lg.argmax(1) for lg in logits.split(sizes, 1)], 1)  # (b, A, H, W)
         obj = y[:, 0] < sizes[0] - 1  # (b, H, W) pixels of an object
-        hits += ((pred == y) & obj[:, None]).sum((0, 2, 3)).float().cpu()
+        maps = [enc.dense_head[1](f)]
+        if enc.vit_dense_head is not None:
+            maps.append(enc.vit_dense_map(enc.vanilla(x)))  # (b, sum K_a, G*M, G*M)
+        for j, m in enumerate(maps):
+            logits = F.interpolate(m, size=y.shape[-2:], mode="bilinear",
+                                   align_corners=False)  # (b, sum K_a, H, W)
+            pred = torch.stack([lg.argmax(1) for lg in logits.split(sizes, 1)], 1)  # (b, A, H, W)
+            hits[j] += ((pred == y) & obj[:, None]).sum((0, 2, 3)).float().cpu()
+            if j == 0:
+                bg_hits += int(((pred == y) & ~obj[:, None]).all(1).sum())
         total += int(obj.sum())
-        bg_hits += int(((pred == y) & ~obj[:, None]).all(1).sum())
         bg_total += int((~obj).sum())
     names = ("color", "shape", "size")[:len(sizes)]
-    return {**{k: (hits[a] / max(total, 1)).item() for a, k in enumerate(names)},
+    return {**{k: (hits[0, a] / max(total, 1)).item() for a, k in enumerate(names)},
+            **{f"vit_{k}": (hits[1, a] / max(total, 1)).item() for a, k in enumerate(names)
+               if len(maps) > 1},
             "background": bg_hits / max(bg_total, 1), "n": n}

@@ -116,7 +116,49 @@ def test_dense_loss_trains_the_convnext_only(tiny):
     assert abs(loss.item() - sum(logs.values()) / 3) < 1e-5  # all six terms, both maps
     assert enc.convnext.embeddings.patch_embeddings.weight.grad.abs().sum() > 0
     assert enc.vit.embeddings.patch_embedding.weight.grad is None
+    assert enc.vit_dense_head is None  # encoder.vit_dense is off by default
     enc.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def vit_dense():
+    torch.manual_seed(0)
+    cfg = FocusConfig.tiny()
+    cfg.encoder.vit_dense = True
+    return cfg, DualEncoder(cfg).eval()
+
+
+def test_vit_dense_trains_both_branches(vit_dense):
+    cfg, enc = vit_dense
+    labels = torch.stack([torch.randint(k, (2, 64, 64)) for k in cfg.encoder.dense_heads], 1)
+    loss, logs = enc.dense_loss(torch.rand(2, 3, 64, 64) * 2 - 1, labels)  # (B, 3, H, W)
+    loss.backward()
+    assert set(logs) == {"dense_color", "dense_shape", "dense_size", "dense_vit"}
+    convnext = logs["dense_color"] + logs["dense_shape"] + logs["dense_size"]  # each: 2 maps
+    assert abs(loss.item() - (2 * convnext + 3 * logs["dense_vit"]) / 9) < 1e-5  # all 9 terms
+    assert enc.convnext.embeddings.patch_embeddings.weight.grad.abs().sum() > 0
+    assert enc.vit.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert enc.fusion.gate.grad is None  # the fusion is FOCUS's own: stage 2 trains it
+
+
+def test_vit_dense_map_puts_each_token_over_its_window(vit_dense):
+    cfg, enc = vit_dense
+    G, M, K = enc.grid, enc.fusion.window, sum(cfg.encoder.dense_heads)
+    feats = torch.zeros(1, G * G, enc.vit_dim)
+    feats[0, :, 0] = torch.arange(G * G) + 1.0  # token n (row-major) carries n + 1
+    head = enc.vit_dense_head
+    with torch.no_grad():
+        old = head.weight.clone(), head.bias.clone()
+        head.weight.zero_()
+        head.weight[:, 0] = 1
+        head.bias.copy_(1000 * torch.arange(M * M).repeat_interleave(K).float())  # (M*M*K,)
+        out = enc.vit_dense_map(feats)  # (1, K, G*M, G*M)
+        head.weight.copy_(old[0])
+        head.bias.copy_(old[1])
+    r, c = torch.meshgrid(torch.arange(G * M), torch.arange(G * M), indexing="ij")
+    want = (r // M) * G + c // M + 1 + 1000 * ((r % M) * M + c % M)  # token + place in window
+    assert out.shape == (1, K, G * M, G * M)
+    assert (out[0] == want.float()).all()
 
 
 def test_paper_preset_on_meta_device():
@@ -159,3 +201,18 @@ def test_load_pretrained_branches_from_saved_folders(tmp_path):
     wrong.save_pretrained(tmp_path / "wrong")
     with pytest.raises(ValueError, match="does not match cfg.encoder"):
         enc.load_pretrained(convnext_path=str(tmp_path / "wrong"))
+
+
+def test_stage0_dense_trains_and_reads_the_vit_only_with_vit_dense():
+    from focus_ref import FocusModel, standins
+
+    for on in (False, True):
+        cfg = FocusConfig.tiny()
+        cfg.encoder.vit_dense, cfg.train.dense_scenes = on, 8
+        torch.manual_seed(0)
+        model = FocusModel(cfg)
+        trained = {id(p) for p in standins.stage0_dense(model, cfg).params}
+        assert all((id(p) in trained) == on for p in model.encoder.vit.parameters())
+        acc = standins.dense_accuracy(model, cfg, n=8)
+        assert ({"vit_color", "vit_shape", "vit_size"} <= set(acc)) == on
+        assert all(0 <= v <= 1 for k, v in acc.items() if k != "n")
