@@ -238,25 +238,24 @@ def dense_accuracy(model: nn.Module, cfg, n: int = 200, split: str = "val") -> d
     enc = model.encoder.eval()
     images, labels = dense_pool(cfg, split, n)
     dev, sizes = next(enc.parameters()).device, list(cfg.encoder.dense_heads)
-    hits, total, bg_hits, bg_total = torch.zeros(2, len(sizes)), 0, 0, 0
+    readers = {"": lambda x, f: enc.dense_head[1](f)}  # the map the mask decoder reads
+    if enc.vit_dense_head is not None:  # encoder.vit_dense: (b, sum K_a, G*M, G*M)
+        readers["vit_"] = lambda x, f: enc.vit_dense_map(enc.vanilla(x))
+    hits, total, bg_hits, bg_total = {p: torch.zeros(len(sizes)) for p in readers}, 0, 0, 0
     for i in range(0, n, 64):
         x, y = images[i:i + 64].to(dev), labels[i:i + 64].to(dev)  # (b, 3, H, W), (b, A, H, W)
-        f = enc.hierarchical(x)[0][1]  # (b, C_2, H/8, W/8) the map the mask decoder reads
+        f = enc.hierarchical(x)[0][1]  # (b, C_2, H/8, W/8)
         obj = y[:, 0] < sizes[0] - 1  # (b, H, W) pixels of an object
-        maps = [enc.dense_head[1](f)]
-        if enc.vit_dense_head is not None:
-            maps.append(enc.vit_dense_map(enc.vanilla(x)))  # (b, sum K_a, G*M, G*M)
-        for j, m in enumerate(maps):
-            logits = F.interpolate(m, size=y.shape[-2:], mode="bilinear",
+        for p, read in readers.items():
+            logits = F.interpolate(read(x, f), size=y.shape[-2:], mode="bilinear",
                                    align_corners=False)  # (b, sum K_a, H, W)
             pred = torch.stack([lg.argmax(1) for lg in logits.split(sizes, 1)], 1)  # (b, A, H, W)
-            hits[j] += ((pred == y) & obj[:, None]).sum((0, 2, 3)).float().cpu()
-            if j == 0:
+            hits[p] += ((pred == y) & obj[:, None]).sum((0, 2, 3)).float().cpu()
+            if not p:  # background: the ConvNeXt head's call
                 bg_hits += int(((pred == y) & ~obj[:, None]).all(1).sum())
         total += int(obj.sum())
         bg_total += int((~obj).sum())
     names = ("color", "shape", "size")[:len(sizes)]
-    return {**{k: (hits[0, a] / max(total, 1)).item() for a, k in enumerate(names)},
-            **{f"vit_{k}": (hits[1, a] / max(total, 1)).item() for a, k in enumerate(names)
-               if len(maps) > 1},
+    return {**{p + k: (h[a] / max(total, 1)).item() for p, h in hits.items()
+               for a, k in enumerate(names)},
             "background": bg_hits / max(bg_total, 1), "n": n}

@@ -22,8 +22,8 @@ SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val
 # (fp16 on disk; refseg cIoU 0.675, GRES N-acc 0.94 / T-acc 0.92 at the presence threshold
 # the main job chose on dev scenes (a run before: 0.90 / 0.95 with it, 0.79 / 0.98 without),
 # region mIoU 0.87 (clicks 0.82 with their refinement pass and clean-up), VQA 0.29, tokenizer
-# 28.4 dB / usage 0.98, edit success 0.23 with background PSNR 76 dB, generation 0.20). They catch a checkpoint
-# that no longer loads or works with the current code; they
+# 28.4 dB / usage 0.98, edit success 0.23 with background PSNR 76 dB, generation 0.20). They
+# catch a checkpoint that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
 # shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
 FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.85, "gres.t_acc": 0.85, "region.miou": 0.75,
