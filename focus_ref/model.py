@@ -163,8 +163,9 @@ class FocusModel(nn.Module):
         x = to_input(image, self.config.data.image_size).to(self.device)  # (1, 3, H, W)
         check_instruction(self.llm, instruction, self.config.edit.max_instruction_tokens)
         region = check_region(region)
-        if region and next(iter(region)) in self.config.segmentation.refine:
-            found = self.segment(image, **region)  # a click's refined mask, as segment() gives
+        kind, sc = next(iter(region)) if region else None, self.config.segmentation
+        if kind in sc.refine or kind in sc.connected or kind == "box" and sc.clip_box:
+            found = self.segment(image, **region)  # the prompt's mask as segment() cleans it up
             region = {"mask": np.any(found, 0)} if found else region
         g = torch.Generator(self.device).manual_seed(seed)
         res = run_edits(self.eval(), x, [instruction.strip()], [region], generator=g)[0]

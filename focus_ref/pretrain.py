@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from focus_ref.config import FocusConfig
 from focus_ref.editing import GENERATE, SLOT
 from focus_ref.llm import IGNORE, SEG, next_token_loss
-from focus_ref.segmentation import PROMPT_KINDS
+from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt
 from focus_ref.train import Stage, _train_only, fit, pooled
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
@@ -274,21 +274,31 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
                   region: tuple | None = None, max_targets: int = MAX_TARGETS) -> torch.Tensor:
     """image (1, 3, H, W) in [-1, 1] + words or a (kind, value) region prompt -> boolean
     masks (K, H, W), one per `<seg>` the LLM writes whose presence score says "there";
-    K = 0 is the "no target" answer. For a prompt kind listed in segmentation.refine
-    ("expression" for words) each mask gets a second pass as a mask prompt (SAM's interactive
-    loop, which feeds the previous mask back in): a click marks a point, words a guess; the
-    first mask marks the object, and its region tokens say what it looks like."""
+    K = 0 is the "no target" answer. A prompt kind listed n times in segmentation.refine
+    ("expression" for words) gets n more passes, each feeding the last mask back as a mask
+    prompt (SAM's interactive loop): a click marks a point, words a guess; the first mask
+    marks the object, and its region tokens say what it looks like. A box bounds its object,
+    so with segmentation.clip_box nothing outside the box is kept."""
     out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
     masks, _ = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
     kind, sc = "expression" if region is None else region[0], model.config.segmentation
     for k in range(len(masks)):
-        if kind in sc.refine:
+        for _ in range(sc.refine.count(kind)):  # SAM's iterative refinement
             again, _ = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
-            masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the first
-        if kind in sc.connected:  # the prompt's points lie on the object: keep what joins them
-            part = connected_to(masks[k], [region[1]] if kind == "click" else region[1])
-            masks[k] = part if part.any() else masks[k]
+            masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the last
+            if kind in sc.connected:  # the prompt's points lie on the object: what joins them
+                masks[k] = connected_part(masks[k], region)
+        if kind in sc.connected and kind not in sc.refine:
+            masks[k] = connected_part(masks[k], region)
+        if kind == "box" and sc.clip_box:  # the box prompt bounds the object
+            masks[k] &= rasterize_prompt("box", region[1], masks.shape[-1]).bool().to(masks.device)
     return masks
+
+
+def connected_part(mask: torch.Tensor, region: tuple) -> torch.Tensor:
+    """What of a (H, W) mask joins a click's or scribble's points (all of it if nothing does)."""
+    part = connected_to(mask, [region[1]] if region[0] == "click" else region[1])
+    return part if part.any() else mask
 
 
 def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:

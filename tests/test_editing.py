@@ -69,8 +69,9 @@ def test_edit_keeps_every_pixel_outside_the_predicted_mask(model, val, monkeypat
 
 def test_an_edit_by_click_edits_where_segment_finds_the_clicked_object(model, val,
                                                                        monkeypatch):
-    """A click is ambiguous; edit() resolves it as segment() does (refined to a mask), so a
-    click selects the same region in both. Other prompt kinds go to the LLM as given."""
+    """A click is ambiguous; edit() resolves it as segment() does (refined to a mask, a box
+    clipped, a scribble refined), so a prompt selects the same region in both. A mask prompt
+    goes to the LLM as given."""
     s, H = val[0], model.config.data.image_size
     found = np.zeros((H, H), bool)
     found[10:20, 12:22] = True
@@ -78,12 +79,16 @@ def test_an_edit_by_click_edits_where_segment_finds_the_clicked_object(model, va
     seen, real = [], E.run_edits
     monkeypatch.setattr(E, "run_edits", lambda m, x, ins, regions, **kw: (
         seen.append(regions[0]) or real(m, x, ins, regions, **kw)))
+    given = np.zeros((H, H), bool)
+    given[30:40, 30:40] = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model may refuse; the region is what counts
-        model.edit(s["image"], s["edit"]["instruction"], region={"click": (15, 15)})
-        model.edit(s["image"], s["edit"]["instruction"], region={"box": (10, 10, 20, 20)})
-    assert list(seen[0]) == ["mask"] and np.array_equal(seen[0]["mask"], found)
-    assert seen[1] == {"box": (10, 10, 20, 20)}
+        for region in ({"click": (15, 15)}, {"box": (10, 10, 20, 20)},
+                       {"scribble": [(12, 12), (18, 18)]}, {"mask": given}):
+            model.edit(s["image"], s["edit"]["instruction"], region=region)
+    for got in seen[:3]:
+        assert list(got) == ["mask"] and np.array_equal(got["mask"], found)
+    assert list(seen[3]) == ["mask"] and np.array_equal(seen[3]["mask"], given)
 
 
 def test_refusal_returns_the_image_unchanged_with_the_reason(model, val, monkeypatch):

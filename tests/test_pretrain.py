@@ -275,15 +275,36 @@ def test_clicks_and_words_are_refined_by_their_own_mask(model, sample, kind, mon
         sc.refine, sc.connected = (), ()  # the clean-up by connectivity has its own test
         first = model.segment(sample["image"], **prompt)
         again = model.segment(sample["image"], mask=first[0]) if first else []
+        third = model.segment(sample["image"], mask=again[0]) if again else []
         model.config.segmentation.refine = (kind,)
         refined = model.segment(sample["image"], **prompt)
+        model.config.segmentation.refine = (kind, kind)  # listed twice: two passes
+        twice = model.segment(sample["image"], **prompt)
     finally:
         sc.refine, sc.connected = refine, connected
         with torch.no_grad():
             bias -= 20
-    assert len(first) == 1 and len(refined) == 1
+    assert len(first) == 1 and len(refined) == 1 and len(twice) == 1
     want = again[0] if again else first[0]
     assert np.array_equal(refined[0], want) and not np.array_equal(first[0], want)
+    assert np.array_equal(twice[0], third[0] if third else want)
+
+
+def test_a_box_prompt_keeps_only_the_mask_inside_the_box(model, sample, monkeypatch):
+    """segmentation.clip_box: the box bounds its object, so pixels outside it are dropped."""
+    H = model.config.data.image_size
+    full = torch.ones(1, H, H, dtype=torch.bool)  # a decoder that spills everywhere
+    monkeypatch.setattr(pretrain, "segment_once", lambda *a, **k: (full.clone(), torch.ones(1)))
+    sc = model.config.segmentation
+    inside = np.zeros((H, H), bool)
+    inside[10:21, 5:31] = True  # rows y0..y1, columns x0..x1, both ends inclusive
+    try:
+        sc.clip_box = True
+        assert np.array_equal(model.segment(sample["image"], box=(5, 10, 30, 20))[0], inside)
+        sc.clip_box = False
+        assert model.segment(sample["image"], box=(5, 10, 30, 20))[0].all()
+    finally:
+        sc.clip_box = True
 
 
 def test_connected_to_keeps_the_parts_joined_to_the_points():

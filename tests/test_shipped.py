@@ -21,7 +21,7 @@ SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
 # (fp16 on disk; refseg cIoU 0.675, GRES N-acc 0.94 / T-acc 0.92 at the presence threshold
 # the main job chose on dev scenes (a run before: 0.90 / 0.95 with it, 0.79 / 0.98 without),
-# region mIoU 0.87 (clicks 0.82 with their refinement pass and clean-up), VQA 0.29, tokenizer
+# region mIoU 0.89 (clicks 0.84 with two refinement passes and clean-up), VQA 0.29, tokenizer
 # 28.4 dB / usage 0.98, edit success 0.23 with background PSNR 76 dB, generation 0.20). They
 # catch a checkpoint that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
