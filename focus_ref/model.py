@@ -159,12 +159,12 @@ class FocusModel(nn.Module):
         from PIL import Image
 
         from focus_ref.editing import check_instruction, check_region, run_edits, to_input
+        from focus_ref.pretrain import cleaned_up_by_segment
 
         x = to_input(image, self.config.data.image_size).to(self.device)  # (1, 3, H, W)
         check_instruction(self.llm, instruction, self.config.edit.max_instruction_tokens)
         region = check_region(region)
-        kind, sc = next(iter(region)) if region else None, self.config.segmentation
-        if kind in sc.refine or kind in sc.connected or kind == "box" and sc.clip_box:
+        if region and cleaned_up_by_segment(next(iter(region)), self.config.segmentation):
             found = self.segment(image, **region)  # the prompt's mask as segment() cleans it up
             region = {"mask": np.any(found, 0)} if found else region
         g = torch.Generator(self.device).manual_seed(seed)

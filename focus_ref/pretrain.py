@@ -282,17 +282,24 @@ def segment_masks(model, image: torch.Tensor, expression: str | None = None,
     out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
     masks, _ = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
     kind, sc = "expression" if region is None else region[0], model.config.segmentation
+    passes = sc.refine.count(kind)
     for k in range(len(masks)):
-        for _ in range(sc.refine.count(kind)):  # SAM's iterative refinement
+        for _ in range(passes):  # SAM's iterative refinement
             again, _ = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
             masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the last
             if kind in sc.connected:  # the prompt's points lie on the object: what joins them
                 masks[k] = connected_part(masks[k], region)
-        if kind in sc.connected and kind not in sc.refine:
+        if kind in sc.connected and not passes:
             masks[k] = connected_part(masks[k], region)
-        if kind == "box" and sc.clip_box:  # the box prompt bounds the object
-            masks[k] &= rasterize_prompt("box", region[1], masks.shape[-1]).bool().to(masks.device)
+    if kind == "box" and sc.clip_box and len(masks):  # the box prompt bounds the object
+        masks &= rasterize_prompt("box", region[1], masks.shape[-1]).bool().to(masks.device)
     return masks
+
+
+def cleaned_up_by_segment(kind: str, sc) -> bool:
+    """Whether segment_masks changes a `kind` prompt's first mask (refinement passes, the
+    connectivity clean-up, the box clip), so that an edit by that prompt should use it."""
+    return kind in sc.refine or kind in sc.connected or (kind == "box" and sc.clip_box)
 
 
 def connected_part(mask: torch.Tensor, region: tuple) -> torch.Tensor:
