@@ -215,6 +215,27 @@ def answer_accuracy(preds: Sequence[str], answers: Sequence[str]) -> float:
                           for p, a in zip(preds, answers)]))
 
 
+QUESTION_KINDS = {"how many": "count", "what color": "color", "what shape": "shape",
+                  "is there": "exist", "where is": "where"}  # ShapesWorld's question openings
+
+
+def question_kind(question: str) -> str:
+    """The kind of a ShapesWorld question, from its opening words ("other" if none fits)."""
+    q = normalize_answer(question)
+    return next((kind for start, kind in QUESTION_KINDS.items() if q.startswith(start)), "other")
+
+
+def blind_answers(qa: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The most common answer of each question kind in (question, answer) pairs: the best a
+    model that never looks at the image can do per kind (VQA's blind, language-only baseline)."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for q, a in qa:
+        counts.setdefault(question_kind(q), Counter())[normalize_answer(a)] += 1
+    return {kind: c.most_common(1)[0][0] for kind, c in counts.items()}
+
+
 # ----- visual tokenizer: codebook usage and perplexity ------------------------------------------
 
 
@@ -263,7 +284,8 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
 
     Calls only the public methods (segment / understand / edit / generate), so what is
     measured is what a user gets. Edits and generation use min(n, 100) and min(n, 50) scenes
-    (they are the slow calls).
+    (they are the slow calls). `vqa.blind_acc` answers every question with its kind's most
+    common answer on n train scenes: what reading the image adds is the distance to it.
     """
     from tqdm import tqdm
 
@@ -301,7 +323,14 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
     if "vqa" in tasks:
         qa = [(s, q, a) for s in samples for q, a in s["qa"]]
         preds = [model.understand(s["image"], q) for s, q, _ in bar(qa, "vqa")]
-        out.update({"vqa.acc": answer_accuracy(preds, [a for *_, a in qa]), "vqa.n": len(qa)})
+        answers, kinds = [a for *_, a in qa], [question_kind(q) for _, q, _ in qa]
+        out.update({"vqa.acc": answer_accuracy(preds, answers), "vqa.n": len(qa)})
+        for kind in sorted(set(kinds)):  # per kind: count, color, shape, exist, where
+            i = [j for j, k in enumerate(kinds) if k == kind]
+            out[f"vqa.{kind}.acc"] = answer_accuracy([preds[j] for j in i], [answers[j] for j in i])
+        train = ShapesWorld(model.config.data, "train")  # blind baseline: each kind's most
+        blind = blind_answers([x for i in range(n) for x in train.sample(i)["qa"]])  # common
+        out["vqa.blind_acc"] = answer_accuracy([blind.get(k, "") for k in kinds], answers)
     if "tokenizer" in tasks:
         tok = model.visual_tokenizer
         x = torch.stack([image_to_tensor(s["image"]) for s in samples]).to(model.device)

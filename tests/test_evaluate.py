@@ -141,3 +141,18 @@ def test_codebook_usage_and_perplexity_by_hand():
     assert ev.codebook_usage(torch.arange(8), 8) == 1.0
     with pytest.raises(ValueError, match="codebook_size"):
         ev.codebook_usage([0, 4], 4)
+
+
+def test_every_shapesworld_question_has_a_kind_and_the_blind_answer_is_the_commonest():
+    from focus_ref.config import FocusConfig
+    from focus_ref.shapesworld import ShapesWorld
+
+    w = ShapesWorld(FocusConfig.tiny().data, "train")
+    qa = [x for i in range(40) for x in w.sample(i)["qa"]]
+    kinds = {ev.question_kind(q) for q, _ in qa}
+    assert kinds == {"count", "color", "shape", "exist", "where"}  # a new template needs a kind
+    assert ev.question_kind("Why is the sky blue?") == "other"
+    blind = ev.blind_answers([("is there a red circle?", "no"), ("Is there a blue square?", "No "),
+                              ("is there a green star?", "yes"), ("how many objects are there?", "3"),
+                              ("what color is the circle?", "red")])
+    assert blind == {"exist": "no", "count": "3", "color": "red"}

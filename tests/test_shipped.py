@@ -31,6 +31,8 @@ FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.85, "gres.t_acc": 0.85, "region.mi
           "vqa.acc": 0.2, "tokenizer.psnr": 28.0, "tokenizer.code_usage": 0.5,
           "edit.success": 0.1, "edit.bg_psnr": 28.0, "gen.attr_acc": 0.1}
 
+VQA_KINDS = ("count", "color", "shape", "exist", "where")  # eval's per-kind answer rates
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -49,6 +51,7 @@ def test_the_checkpoint_is_small_half_precision_and_records_its_run():
     rec = json.loads((SHIPPED / "metrics.json").read_text())
     for key in FLOORS:  # every DESIGN §6 key was measured by the main job
         assert key in rec, key
+    assert rec["vqa.blind_acc"] > 0 and all(f"vqa.{k}.acc" in rec for k in VQA_KINDS)
     assert "stage4" in json.loads((SHIPPED / "history.json").read_text())
 
 
@@ -56,6 +59,8 @@ def test_held_out_quality_meets_the_floors(model):
     got = evaluate_model(model, "val", n=48, progress=False)
     low = {k: (round(got[k], 3), v) for k, v in FLOORS.items() if got[k] < v}
     assert not low, f"below the floor (measured, floor): {low}"
+    kinds = [got[f"vqa.{k}.acc"] for k in VQA_KINDS]  # the overall answer rate is their mix
+    assert min(kinds) <= got["vqa.acc"] <= max(kinds) and 0 < got["vqa.blind_acc"] < 1
 
 
 def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, val):
