@@ -110,7 +110,8 @@ def cmd_segment(args) -> None:
 
 
 def cmd_understand(args) -> None:
-    print(load_model(args).understand(load_image(args.image), args.question))
+    print(load_model(args).understand(load_image(args.image), args.question,
+                                      region_from_args(args) or None))
 
 
 def cmd_edit(args) -> None:
@@ -186,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     un = with_ckpt(sub.add_parser(
         "understand", help="answer a question about an image",
         description="Answer a question about an image, e.g. python -m focus_ref understand "
-        "--image scene.png --question 'how many circles are there?'"))
+        "--image scene.png --question 'how many circles are there?'; or about one region of "
+        "it: --question 'what is this?' --click 20,31"))
     un.add_argument("--image", required=True, help="PNG / JPEG (resized to the model's size)")
     un.add_argument("--question", required=True, help='e.g. "what color is the square?"')
+    add_region_options(un, required=False)
     un.set_defaults(fn=cmd_understand)
 
     ed = with_ckpt(sub.add_parser("edit", help="edit the region an instruction names"))

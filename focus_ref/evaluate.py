@@ -286,6 +286,8 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
     measured is what a user gets. Edits and generation use min(n, 100) and min(n, 50) scenes
     (they are the slow calls). `vqa.blind_acc` answers every question with its kind's most
     common answer on n train scenes: what reading the image adds is the distance to it.
+    `vqa.what.acc`: "what is this?" about the region-prompt object, by each prompt kind,
+    answered "<color> <shape>" (not in vqa.acc).
     """
     from tqdm import tqdm
 
@@ -328,6 +330,11 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
         for kind in sorted(set(kinds)):  # per kind: count, color, shape, exist, where
             i = [j for j, k in enumerate(kinds) if k == kind]
             out[f"vqa.{kind}.acc"] = answer_accuracy([preds[j] for j in i], [answers[j] for j in i])
+        what = [(model.understand(s["image"], "what is this?", {kind: s["prompts"][k][kind]}),
+                 f"{s['scene'].objects[k].color} {s['scene'].objects[k].shape}")
+                for s in bar(samples, "what") for k in [s["index"] % len(s["prompts"])]
+                for kind in ("click", "box", "scribble", "mask")]  # a region, no words (UniPixel)
+        out.update({"vqa.what.acc": answer_accuracy(*zip(*what)), "vqa.what.n": len(what)})
         train = ShapesWorld(model.config.data, "train")  # blind baseline: each kind's most
         blind = blind_answers([x for i in range(n) for x in train.sample(i)["qa"]])  # common
         out["vqa.blind_acc"] = answer_accuracy([blind.get(k, "") for k in kinds], answers)

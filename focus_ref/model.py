@@ -135,13 +135,18 @@ class FocusModel(nn.Module):
         masks = segment_masks(self.eval(), x, expression and expression.strip(), region)
         return [m for m in masks.cpu().numpy()]  # [(H, W) bool] * K
 
-    def understand(self, image, question: str) -> str:
-        """The model's answer to a question about the image (greedy)."""
+    def understand(self, image, question: str, region: dict | None = None) -> str:
+        """The model's answer to a question about the image (greedy); with a region prompt
+        ({"click": (x, y)} | {"box": ...} | {"scribble": [...]} | {"mask": bool H x W}) the
+        question is about that region, e.g. "what is this?" (UniPixel's region questions)."""
+        from focus_ref.editing import check_region
         from focus_ref.pretrain import answer
 
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question: ask something, e.g. 'how many circles are there?'")
-        return answer(self.eval(), self._input(image), question.strip())
+        region = check_region(region)
+        return answer(self.eval(), self._input(image), question.strip(),
+                      next(iter(region.items())) if region else None)
 
     # ----- editing and generation (editing.py, paper §3.4) ----------------------------------
     def edit(self, image, instruction: str, region: dict | None = None, seed: int = 0,

@@ -51,7 +51,8 @@ from focus_ref.train import Stage, _train_only, fit, pooled
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
 MAX_TARGETS = 8  # <seg>s one expression may get at inference
-WHAT, QUESTION, CAPTION = "<image> <region> what is this?", "<image> {}", "<image>"
+QUESTION, REGION_QUESTION, CAPTION = "<image> {}", "<image> <region> {}", "<image>"
+WHAT = REGION_QUESTION.format("what is this?")  # UniPixel: a region, asked about without words
 TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
                "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
 PARTIAL_MASK = 0.0  # share of training mask prompts cut to a part of the object (a first guess
@@ -353,10 +354,15 @@ def segment_once(model, image, out, expression, region, max_targets, threshold=N
 
 
 @torch.no_grad()
-def answer(model, image: torch.Tensor, question: str, max_new_tokens: int = 24) -> str:
-    """image (1, 3, H, W) + a question -> the LLM's greedy answer."""
-    llm = model.llm
-    batch = {k: v.to(image.device) for k, v in llm.encode([QUESTION.format(question)],
-                                                          padding_side="left").items()}
-    return llm.generate(batch, image_tokens=model.encoder(image).tokens,
+def answer(model, image: torch.Tensor, question: str, region: tuple | None = None,
+           max_new_tokens: int = 24) -> str:
+    """image (1, 3, H, W) + a question [+ a (kind, value) region prompt the question is
+    about, as region tokens after the image's] -> the LLM's greedy answer."""
+    llm, out, rtok = model.llm, model.encoder(image), None
+    if region is not None:  # UniPixel: "what is this?" about a click / box / scribble / mask
+        maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
+        rtok = model.region_encoder(out.features, maps.to(image), kinds.to(image.device))
+    prompt = (QUESTION if region is None else REGION_QUESTION).format(question)
+    batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
+    return llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
                         max_new_tokens=max_new_tokens)["texts"][0]

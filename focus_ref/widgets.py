@@ -160,16 +160,16 @@ class Demo:
         try:
             region = parse_region(self.region_kind.value, self.region.value)
             img = self.image()
-            if region and task in ("understand", "generate"):
-                raise ValueError(f"{task} takes no region: set region to 'none', or choose "
-                                 "segment / edit to point at an object")
+            if region and task == "generate":
+                raise ValueError("generate takes no region: set region to 'none', or choose "
+                                 "segment / understand / edit to point at an object")
             self._show_input(region)
             if task == "segment":
                 masks = m.segment(img, **(region or {"expression": text}))
                 out, msg = overlay(img, masks), f"{len(masks)} mask(s)" if masks else "no target"
                 result = {"masks": masks}
             elif task == "understand":
-                answer = m.understand(img, text)
+                answer = m.understand(img, text, region or None)  # "what is this?" + a click
                 out, msg, result = img, f"answer: {answer}", {"answer": answer}
             elif task == "edit":
                 res = m.edit(img, text, region or None, return_details=True)

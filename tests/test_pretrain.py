@@ -390,6 +390,31 @@ def test_unreadable_image_and_empty_question_are_clear_errors(model, sample, tmp
         model.understand(np.zeros((4, 4)), "how many?")
     with pytest.raises(ValueError, match="empty question"):
         model.understand(sample["image"], "")
+    with pytest.raises(ValueError, match="region must be one of"):
+        model.understand(sample["image"], "what is this?", {"circle": (3, 3)})
+    with pytest.raises(ValueError, match="outside"):
+        model.understand(sample["image"], "what is this?", {"click": (99, 3)})
+
+
+def test_a_question_about_a_region_reads_its_region_tokens(model, sample, monkeypatch):
+    seen = []
+    real = model.llm.generate
+
+    def spy(batch, image_tokens=None, region_tokens=None, **kw):
+        seen.append((model.llm.tokenizer.decode(batch["input_ids"][0]), region_tokens))
+        return real(batch, image_tokens, region_tokens, **kw)
+
+    monkeypatch.setattr(model.llm, "generate", spy)
+    for kind in PROMPT_KINDS:
+        region = {kind: sample["prompts"][0][kind]}
+        assert isinstance(model.understand(sample["image"], "what is this?", region), str)
+        prompt, tokens = seen[-1]
+        assert "<region> what is this?" in prompt and tokens is not None
+        maps, kinds = model.region_encoder.rasterize([(kind, region[kind])], H)
+        out = model.encoder(model._input(sample["image"]))
+        torch.testing.assert_close(tokens, model.region_encoder(out.features, maps, kinds))
+    model.understand(sample["image"], "how many objects are there?")
+    assert "<region>" not in seen[-1][0] and seen[-1][1] is None  # no region, no tokens
 
 
 # ----- CLI --------------------------------------------------------------------------------
@@ -413,6 +438,8 @@ def test_cli_segment_and_understand(saved, image_file, sample, tmp_path, capsys)
                  "--mask", str(mask_png), "--out", str(out)]) == 0
     assert main(["understand", "--checkpoint", str(saved), "--image", str(image_file),
                  "--question", "how many objects are there?"]) == 0
+    assert main(["understand", "--checkpoint", str(saved), "--image", str(image_file),
+                 "--question", "what is this?", "--click", "20,30"]) == 0
     assert "wrote" in capsys.readouterr().out
 
 

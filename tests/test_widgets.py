@@ -62,7 +62,7 @@ def test_segment_by_click_draws_the_prompt(demo):
     ("segment", "click", "100,5", "x", "outside"),
     ("segment", "box", "30,30,10,10", "x", "swapped"),
     ("segment", "none", "", "   ", "empty expression"),
-    ("understand", "click", "5,5", "what is this?", "takes no region"),
+    ("generate", "click", "5,5", "a red circle", "takes no region"),
     ("edit", "none", "", "", "instruction"),
 ])
 def test_bad_input_shows_one_red_line_and_keeps_the_last_result(demo, task, kind, region,
