@@ -322,15 +322,22 @@ def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
         seed = grown
 
 
+def region_inputs(model, image, out, region):
+    """A (kind, value) region prompt -> its map (1, H, W), the decoder's dense prompt, and
+    its region tokens (1, R, D) for the LLM (UniPixel); (None, None) without one."""
+    if region is None:
+        return None, None
+    maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
+    maps = maps.to(image)  # (1, H, W)
+    return maps, model.region_encoder(out.features, maps, kinds.to(image.device))
+
+
 def segment_once(model, image, out, expression, region, max_targets, threshold=None):
     """One pass: the LLM writes its <seg>s, the predictor their masks; a <seg> whose presence
     logit is not above `threshold` (default: the config's) gives none. Returns the kept masks
     (K', H, W) and their presence logits (K',)."""
-    llm, rtok, rmaps = model.llm, None, None
-    if region is not None:  # the prompt as region tokens (LLM) and dense prompt (decoder)
-        maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
-        rmaps = maps.to(image)  # (1, H, W)
-        rtok = model.region_encoder(out.features, rmaps, kinds.to(image.device))  # (1, R, D)
+    llm = model.llm
+    rmaps, rtok = region_inputs(model, image, out, region)  # (1, H, W), (1, R, D) or None
     prompt = SEGMENT_REGION if region is not None else SEGMENT.format(expression)
     batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
     gen = llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
@@ -358,10 +365,8 @@ def answer(model, image: torch.Tensor, question: str, region: tuple | None = Non
            max_new_tokens: int = 24) -> str:
     """image (1, 3, H, W) + a question [+ a (kind, value) region prompt the question is
     about, as region tokens after the image's] -> the LLM's greedy answer."""
-    llm, out, rtok = model.llm, model.encoder(image), None
-    if region is not None:  # UniPixel: "what is this?" about a click / box / scribble / mask
-        maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
-        rtok = model.region_encoder(out.features, maps.to(image), kinds.to(image.device))
+    llm, out = model.llm, model.encoder(image)
+    rtok = region_inputs(model, image, out, region)[1]  # "what is this?" about a click ...
     prompt = (QUESTION if region is None else REGION_QUESTION).format(question)
     batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
     return llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
