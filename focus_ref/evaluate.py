@@ -293,6 +293,7 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
 
     from focus_ref import oracle
     from focus_ref.data import image_to_tensor
+    from focus_ref.pretrain import what_answer
     from focus_ref.shapesworld import ShapesWorld
 
     world = ShapesWorld(model.config.data, split)
@@ -331,7 +332,7 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
             i = [j for j, k in enumerate(kinds) if k == kind]
             out[f"vqa.{kind}.acc"] = answer_accuracy([preds[j] for j in i], [answers[j] for j in i])
         what = [(model.understand(s["image"], "what is this?", {kind: s["prompts"][k][kind]}),
-                 f"{s['scene'].objects[k].color} {s['scene'].objects[k].shape}")
+                 what_answer(s["scene"].objects[k]))  # the answer stage 3 trains
                 for s in bar(samples, "what") for k in [s["index"] % len(s["prompts"])]
                 for kind in ("click", "box", "scribble", "mask")]  # a region, no words (UniPixel)
         out.update({"vqa.what.acc": answer_accuracy(*zip(*what)), "vqa.what.n": len(what)})

@@ -79,6 +79,11 @@ def partial_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return mask & ((yy - ys[i]) ** 2 + (xx - xs[i]) ** 2 <= r * r)
 
 
+def what_answer(obj) -> str:
+    """The answer to "what is this?" about a ShapesWorld object: "<color> <shape>"."""
+    return f"{obj.color} {obj.shape}"
+
+
 def make_example(sample: dict, rng: np.random.Generator, task: str | None = None) -> dict:
     """One stage-3 example of `task` (drawn from TASK_SHARES when None) from a sample."""
     if task is None:
@@ -92,7 +97,7 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
             value = partial_mask(value, rng)
         return {**ex, "region": (kind, value),
                 "prompt": SEGMENT_REGION if task == "region" else WHAT,
-                "answer": SEG if task == "region" else f"{o.color} {o.shape}",
+                "answer": SEG if task == "region" else what_answer(o),
                 "masks": [sample["inst"] == k] if task == "region" else []}
     if task == "vqa":
         q, a = sample["qa"][int(rng.integers(len(sample["qa"])))]
