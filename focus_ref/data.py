@@ -33,6 +33,7 @@ from pycocotools import mask as mask_utils
 
 from focus_ref import shapesworld
 from focus_ref.config import DataConfig
+from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt
 from focus_ref.shapesworld import Obj, Scene, ShapesWorld
 
 
@@ -48,55 +49,6 @@ def tensor_to_image(x: torch.Tensor) -> np.ndarray:
     """float (3, H, W) in [-1, 1] -> uint8 (H, W, 3)."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 0).numpy()
-
-
-# ----- region prompts as masks -----------------------------------------------------------
-PROMPT_KINDS = ("click", "box", "scribble", "mask")
-
-
-def prompt_to_mask(kind: str, value, size: tuple[int, int]) -> np.ndarray:
-    """Rasterise a region prompt (UniPixel's visual prompts) to a bool (H, W) map.
-
-    click (x, y) -> that pixel; box (x0, y0, x1, y1), ends inclusive -> the filled box;
-    scribble [(x, y), ...] -> the polyline through the points; mask -> itself. A point
-    outside the image, an empty scribble or an empty mask is an error that says so.
-    """
-    h, w = size
-    out = np.zeros((h, w), bool)
-
-    def inside(x, y, what):
-        if not (0 <= x < w and 0 <= y < h):
-            raise ValueError(f"{what} ({x}, {y}) is outside the {w} x {h} image: give pixel "
-                             f"coordinates with 0 <= x < {w} and 0 <= y < {h}")
-        return min(int(round(x)), w - 1), min(int(round(y)), h - 1)
-
-    if kind == "click":
-        x, y = inside(*value, "click")
-        out[y, x] = True
-    elif kind == "box":
-        if len(value) != 4 or value[0] > value[2] or value[1] > value[3]:
-            raise ValueError(f"box {value} must be (x0, y0, x1, y1) with x0 <= x1, y0 <= y1")
-        x0, y0 = inside(value[0], value[1], "box corner")
-        x1, y1 = inside(value[2], value[3], "box corner")
-        out[y0:y1 + 1, x0:x1 + 1] = True
-    elif kind == "scribble":
-        pts = [inside(x, y, "scribble point") for x, y in value]
-        if not pts:
-            raise ValueError("empty scribble: draw at least one point on the object")
-        for (xa, ya), (xb, yb) in zip(pts, pts[1:] + pts[-1:]):  # segment by segment
-            n = max(abs(xb - xa), abs(yb - ya)) + 1
-            out[np.linspace(ya, yb, n).round().astype(int),
-                np.linspace(xa, xb, n).round().astype(int)] = True
-    elif kind == "mask":
-        out = np.asarray(value).astype(bool)
-        if out.shape != (h, w):
-            raise ValueError(f"mask prompt of shape {out.shape} does not match the {w} x {h} "
-                             "image: resize it to the image (nearest neighbour)")
-        if not out.any():
-            raise ValueError("empty mask prompt: mark at least one pixel of the object")
-    else:
-        raise ValueError(f"unknown region prompt {kind!r}: choose one of {PROMPT_KINDS}")
-    return out
 
 
 # ----- task formatting: one ShapesWorld sample -> plain dicts of tensors and strings ------
@@ -123,15 +75,17 @@ def format_refseg(s: dict) -> list[dict]:
 
 
 def format_region(s: dict) -> list[dict]:
-    """Interactive segmentation: every object with each prompt kind -> its visible mask."""
-    image, size, out = image_to_tensor(s["image"]), s["inst"].shape, []
+    """Interactive segmentation: every object with each prompt kind -> its visible mask. The
+    prompt's map is the model's own (`segmentation.rasterize_prompt`: a click is a disc, a
+    scribble a stroke), so an example shows what the region encoder is given."""
+    image, size, out = image_to_tensor(s["image"]), s["inst"].shape[0], []
     for k, p in enumerate(s["prompts"]):
         points = {"click": [p["click"]], "box": [p["box"][:2], p["box"][2:]],
                   "scribble": p["scribble"], "mask": []}
         for kind in PROMPT_KINDS:
             out.append({"task": "region", "image": image, "kind": kind, "object": k,
                         "points": torch.tensor(points[kind], dtype=torch.float32).view(-1, 2),
-                        "prompt_mask": torch.from_numpy(prompt_to_mask(kind, p[kind], size)),
+                        "prompt_mask": rasterize_prompt(kind, p[kind], size).bool(),
                         "mask": torch.from_numpy(s["inst"] == k)})  # (P, 2), (H, W), (H, W)
     return out
 

@@ -13,6 +13,7 @@ import torch
 from focus_ref import data
 from focus_ref import evaluate as ev
 from focus_ref.config import DataConfig
+from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt
 from focus_ref.shapesworld import ShapesWorld
 
 FIXTURE = Path(__file__).resolve().parent.parent / "data_samples" / "refcoco_fixture"
@@ -46,23 +47,6 @@ def test_image_round_trip():
     np.testing.assert_array_equal(data.tensor_to_image(t), img)
 
 
-def test_prompt_to_mask_by_hand_and_errors():
-    m = data.prompt_to_mask("click", (2, 1), (4, 5))
-    assert m.sum() == 1 and m[1, 2]
-    m = data.prompt_to_mask("box", (1, 0, 3, 2), (4, 5))
-    assert m.sum() == 9 and m[0:3, 1:4].all()
-    m = data.prompt_to_mask("scribble", [(0, 0), (3, 3)], (4, 5))
-    assert m.sum() == 4 and all(m[i, i] for i in range(4))  # the diagonal
-    with pytest.raises(ValueError, match="outside the 5 x 4 image"):
-        data.prompt_to_mask("click", (5, 0), (4, 5))
-    with pytest.raises(ValueError, match="empty scribble"):
-        data.prompt_to_mask("scribble", [], (4, 5))
-    with pytest.raises(ValueError, match="empty mask"):
-        data.prompt_to_mask("mask", np.zeros((4, 5)), (4, 5))
-    with pytest.raises(ValueError, match="unknown region prompt"):
-        data.prompt_to_mask("lasso", [], (4, 5))
-
-
 def test_refseg_masks_are_target_unions(world):
     kinds = set()
     for i in range(6):
@@ -90,6 +74,8 @@ def test_region_caption_vqa_edit_clip_formats(world):
             assert (ex["prompt_mask"].numpy() >= mask).all()
         if ex["kind"] == "mask":
             assert pts.shape == (0, 2) and torch.equal(ex["prompt_mask"], ex["mask"])
+        prompt = s["prompts"][ex["object"]][ex["kind"]]  # the map the region encoder is given
+        assert torch.equal(ex["prompt_mask"], rasterize_prompt(ex["kind"], prompt, 64).bool())
     assert data.format_caption(s)[0]["text"] == s["caption"]
     assert [(e["question"], e["answer"]) for e in data.format_vqa(s)] == s["qa"]
     e = data.format_edit(s)[0]
@@ -106,9 +92,9 @@ def test_collate_stacks_pads_and_refuses_mixed(world):
     n = len(s["scene"].objects) * 4
     assert b["image"].shape == (n, 3, 64, 64) and b["mask"].shape == (n, 64, 64)
     assert b["points"].shape[:1] == (n,) and b["points_len"].tolist()[:4] == [
-        1, 2, len(s["prompts"][0]["scribble"]), 0]
+        1, len(s["prompts"][0]["scribble"]), 2, 0]
     assert b["points"][3].abs().sum() == 0  # the mask prompt has no points: all padding
-    assert b["kind"][:4] == ["click", "box", "scribble", "mask"]
+    assert b["kind"][:4] == list(PROMPT_KINDS) == ["click", "scribble", "box", "mask"]
     assert b["object"].dtype == torch.long
     with pytest.raises(ValueError, match="one task at a time"):
         data.collate(data.format_caption(s) + data.format_vqa(s))
