@@ -50,7 +50,12 @@ class EncoderConfig:
     convnext_depths: tuple = (1, 1, 2, 1)
     convnext_dims: tuple = (32, 64, 96, 128)
     convnext_pretrained: str = ""
-    fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention
+    fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention. Its zero-initialised gate
+    #   barely opens at this scale (shipped: tanh(g) = -0.02, so the LLM reads the ViT's tokens
+    #   alone). Forced open (tanh(g) = 0.76 from stage 2 on; stages 2 + 3 rerun from one stage-1
+    #   snapshot, 150 dev scenes) the tokens carry more (a linear probe of which colour-shape pairs
+    #   an image holds: recall 0.53 -> 0.64) but VQA 0.31 -> 0.29, refseg cIoU 0.593 -> 0.590,
+    #   region mIoU 0.877 -> 0.873: no gain, so the gate starts at zero as in the paper
     adapter_hidden: int = 256  # MLP adapter to the LLM width
     vit_out: int = 0  # width of the vanilla tokens (global_feats); 0 = vit_hidden. Qwen2.5-VL's
     #                   patch merger outputs 2048 in the 3B model
