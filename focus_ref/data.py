@@ -76,8 +76,9 @@ def format_refseg(s: dict) -> list[dict]:
 
 def format_region(s: dict) -> list[dict]:
     """Interactive segmentation: every object with each prompt kind -> its visible mask. The
-    prompt's map is the model's own (`segmentation.rasterize_prompt`: a click is a disc, a
-    scribble a stroke), so an example shows what the region encoder is given."""
+    prompt's map is the model's own (`segmentation.rasterize_prompt` at its default
+    radius, 2 px, the tiny preset's `segmentation.prompt_radius`: a click is a disc, a scribble
+    a stroke), so an example shows what the tiny model's region encoder is given."""
     image, size, out = image_to_tensor(s["image"]), s["inst"].shape[0], []
     for k, p in enumerate(s["prompts"]):
         points = {"click": [p["click"]], "box": [p["box"][:2], p["box"][2:]],
