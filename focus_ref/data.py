@@ -33,7 +33,6 @@ from pycocotools import mask as mask_utils
 
 from focus_ref import shapesworld
 from focus_ref.config import DataConfig
-from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt
 from focus_ref.shapesworld import Obj, Scene, ShapesWorld
 
 
@@ -79,6 +78,8 @@ def format_region(s: dict) -> list[dict]:
     prompt's map is the model's own (`segmentation.rasterize_prompt` at its default
     radius, 2 px, the tiny preset's `segmentation.prompt_radius`: a click is a disc, a scribble
     a stroke), so an example shows what the tiny model's region encoder is given."""
+    from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt  # on use: SAM's modules
+
     image, size, out = image_to_tensor(s["image"]), s["inst"].shape[0], []
     for k, p in enumerate(s["prompts"]):
         points = {"click": [p["click"]], "box": [p["box"][:2], p["box"][2:]],

@@ -294,6 +294,7 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
     from focus_ref import oracle
     from focus_ref.data import image_to_tensor
     from focus_ref.pretrain import what_answer
+    from focus_ref.segmentation import PROMPT_KINDS
     from focus_ref.shapesworld import ShapesWorld
 
     world = ShapesWorld(model.config.data, split)
@@ -314,7 +315,7 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
                     "gres.ciou": g["ciou"], "gres.giou": g["giou"], "gres.n_acc": g["n_acc"],
                     "gres.t_acc": g["t_acc"], "gres.n": g["n"]})
     if "region" in tasks:  # click / box / scribble / mask -> mask, one object per scene
-        ious: dict[str, list] = {k: [] for k in ("click", "box", "scribble", "mask")}
+        ious: dict[str, list] = {k: [] for k in PROMPT_KINDS}
         for s in bar(samples, "region"):
             k = s["index"] % len(s["prompts"])
             for kind in ious:
@@ -334,7 +335,7 @@ def evaluate_model(model, split: str = "val", n: int = 200, progress: bool = Tru
         what = [(model.understand(s["image"], "what is this?", {kind: s["prompts"][k][kind]}),
                  what_answer(s["scene"].objects[k]))  # the answer stage 3 trains
                 for s in bar(samples, "what") for k in [s["index"] % len(s["prompts"])]
-                for kind in ("click", "box", "scribble", "mask")]  # a region, no words (UniPixel)
+                for kind in PROMPT_KINDS]  # a region, no words (UniPixel)
         out.update({"vqa.what.acc": answer_accuracy(*zip(*what)), "vqa.what.n": len(what)})
         train = ShapesWorld(model.config.data, "train")  # blind baseline: each kind's most
         blind = blind_answers([x for i in range(n) for x in train.sample(i)["qa"]])  # common
