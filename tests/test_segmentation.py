@@ -92,6 +92,29 @@ def test_predictor_bad_inputs(predictor):
         SegmentationPredictor(bad)
 
 
+def test_refinement_starts_as_the_identity_and_reads_the_image():
+    """The full-resolution refinement is zero-initialised from a forked RNG: with it the
+    predictor gives exactly the masks it gives without it, every other weight unchanged; once
+    its last layer is non-zero the masks change with it."""
+    off = copy.deepcopy(CFG)
+    off.segmentation.fine_width = 0
+    torch.manual_seed(0)
+    a = SegmentationPredictor(CFG).eval()
+    torch.manual_seed(0)
+    b = SegmentationPredictor(off).eval()
+    assert a.fine is not None and b.fine is None
+    sb = b.state_dict()
+    assert all(torch.equal(v, sb[k]) for k, v in a.state_dict().items() if k in sb)
+    seg = torch.randn(2, 2, D)
+    with torch.no_grad():
+        la, _ = a(seg, features(), image())
+        lb, _ = b(seg, features(), image())
+        assert torch.equal(la, lb)
+        torch.nn.init.normal_(a.fine[-1].weight, std=0.1)
+        lc, _ = a(seg, features(), image())
+    assert (lc - la).abs().mean() > 1e-3
+
+
 @pytest.mark.parametrize("stride", [4, 16])
 def test_other_decoder_strides_still_full_resolution(stride):
     cfg = FocusConfig.from_dict({"segmentation": {"decoder_stride": stride}})
