@@ -129,7 +129,7 @@ class SegmentationPredictor(nn.Module):
         self.prior_q, self.prior_k = nn.Linear(s.dim, s.dim), nn.Linear(s.dim, s.dim)
         self.presence_head = SamFeedForward(s.dim, s.dim, 1, 3)
         # mask refinement at full resolution (CascadePSP-style): the logits, the last decoder
-        # features and the image's own pixels -> a residual on the logits, receptive field 11 px,
+        # features and the image's own pixels -> a residual on the logits, receptive field 9 px,
         # zero-initialised (starts as the identity); it cuts masks along colour edges where the
         # 8-channel end of the decoder let them spill onto a touching object
         # (drawn from a forked RNG: every other weight starts as it did before it was added)
