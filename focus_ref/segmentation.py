@@ -133,13 +133,14 @@ class SegmentationPredictor(nn.Module):
         # zero-initialised (starts as the identity); it cuts masks along colour edges where the
         # 8-channel end of the decoder let them spill onto a touching object
         # (drawn from a forked RNG: every other weight starts as it did before it was added)
-        w, self.fine = s.fine_width, None
-        with torch.random.fork_rng(devices=[]):
-            if w:
+        self.fine, w = None, s.fine_width
+        if w:
+            with torch.random.fork_rng(devices=[]):
                 self.fine = nn.Sequential(nn.Conv2d(ch[-1] + 4, w, 3, padding=1), nn.GELU(),
                                           nn.Conv2d(w, w, 3, padding=2, dilation=2), nn.GELU(),
                                           nn.Conv2d(w, 1, 3, padding=1))
-                nn.init.zeros_(self.fine[-1].weight), nn.init.zeros_(self.fine[-1].bias)
+            nn.init.zeros_(self.fine[-1].weight)
+            nn.init.zeros_(self.fine[-1].bias)
 
     def pyramid(self, features: list[torch.Tensor], image: torch.Tensor) -> torch.Tensor:
         """FPN top-down path: the coarser stages and the image summed into the decoder level."""
