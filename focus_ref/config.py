@@ -217,6 +217,12 @@ class TrainConfig:
         steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
     #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
+    stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading: off
+        steps=0, lr=1e-4, batch_size=16, warmup=20, log_every=20, ckpt_every=400))
+    #   800 steps (2 min) + llm_lr_mult 0.1, the whole main job (run30, 200 val scenes) against
+    #   the shipped run29: VQA 0.309 -> 0.329, "what is this?" 0.045 -> 0.045 (0.17 after stage
+    #   3 on 100 dev scenes: stage 4 undoes it), refseg cIoU 0.611 -> 0.604, T-acc 0.917 ->
+    #   0.893, region 0.904 -> 0.902, edit 0.25 -> 0.24, generation 0.254 -> 0.177: not adopted
     scene_pool: int = 500  # stages 0b / 2: ShapesWorld train scenes rendered once, reused
     dense_scenes: int = 2000  # stage 0c: train scenes with per-pixel labels, rendered once
     text_scenes: int = 200  # stage 0a: scenes whose texts (~15 each) form the LM corpus
@@ -234,7 +240,12 @@ class TrainConfig:
     #   through the whole main job (200 val scenes) the gain is gone after stage 4: refseg 0.628
     #   (run28: 0.633), region 0.879 (0.877), VQA 0.31 (0.32), edit 0.22 (0.21), generation 0.21
     #   (0.22): left at 1e-3
-    stage3_scenes: int = 2000  # stages 0d and 3: ShapesWorld train scenes rendered once, reused
+    llm_lr_mult: float = 1.0  # stage 3 trains the LLM at this x its rate (the rest at 1x): at
+    #   1e-3 even a text-only LLM learns no look-up (standins.stage0_read). 0.1 with stage 0e,
+    #   stage 3 rerun from run29's stage-1 snapshot (100 dev scenes, presence threshold 0): VQA
+    #   0.325 -> 0.364, "what is this?" 0.06 -> 0.21, region 0.898 -> 0.893, refseg 0.586 ->
+    #   0.587; 0.1 alone: VQA 0.353. Through stage 4 the gain is mostly lost (stage0_read)
+    stage3_scenes: int = 2000  # stages 0d, 0e and 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=lambda: StageConfig(  # region-controlled editing
         steps=560, lr=1e-3, batch_size=24, warmup=20, log_every=10, ckpt_every=100))
     #   stage 4 is short of updates, not of samples: at the same 13440 examples, 560 x 24 beat

@@ -267,7 +267,8 @@ def stage3_multitask(model, cfg: FocusConfig) -> Stage:
     parts = [model.llm, enc.convnext, enc.fusion, enc.adapter, model.region_encoder,
              model.segmentation, model.semantic_head]
     return Stage("stage3_pretrain", _train_only(model, parts), loss_fn, batch_fn, sc,
-                 cfg.train.seed)
+                 cfg.train.seed, slow=list(model.llm.parameters()),
+                 slow_mult=cfg.train.llm_lr_mult)  # the LLM slower: to keep stage 0e's reading
 
 
 def stage3(model, cfg: FocusConfig, out_dir, resume: bool = False, progress: bool = True):

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,8 @@ class Stage:
     batch_fn: Callable[[int], Batch]  # step -> batch; deterministic in step (resumable)
     cfg: StageConfig
     seed: int = 0
+    slow: list = field(default_factory=list)  # of params: these train at slow_mult x the rate
+    slow_mult: float = 1.0
 
 
 def pick_device() -> torch.device:
@@ -74,7 +76,11 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
     if not params:
         raise ValueError(f"{stage.name}: no trainable parameters were given")
     acc = accelerator or Accelerator(cpu=pick_device().type == "cpu")
-    opt = torch.optim.AdamW(params, lr=stage.cfg.lr, weight_decay=stage.cfg.weight_decay)
+    slow = {id(p) for p in stage.slow} if stage.slow_mult != 1 else set()  # train.llm_lr_mult
+    groups = [{"params": [p for p in params if (id(p) in slow) == is_slow],
+               "scale": stage.slow_mult if is_slow else 1.0} for is_slow in (False, True)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.cfg.lr,
+                            weight_decay=stage.cfg.weight_decay)
     torch.manual_seed(stage.seed)
     start, history = 0, []
     if resume and (ckpt / "state.json").is_file():
@@ -89,7 +95,7 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
     with deterministic():  # same seed, same numbers: also across processes and --resume
         for step in bar:
             for g in opt_p.param_groups:
-                g["lr"] = lr_at(step, stage.cfg)
+                g["lr"] = lr_at(step, stage.cfg) * g["scale"]
             batch = _to(stage.batch_fn(step), acc.device)
             with acc.autocast():
                 loss, logs = stage.loss_fn(batch)

@@ -123,3 +123,49 @@ def test_same_seed_gives_the_same_weights_on_several_threads(tmp_path):
         torch.set_num_threads(threads)
     assert torch.equal(weights[0], weights[1])
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+
+
+def test_slow_parameters_take_slow_mult_times_the_step(tmp_path):
+    """Stage.slow (the LLM in stage 3, train.llm_lr_mult): Adam's first step moves every
+    weight by about the learning rate, so the slow ones move slow_mult x as far."""
+    fast, slow = nn.Parameter(torch.zeros(64)), nn.Parameter(torch.zeros(64))
+    target = torch.linspace(-1, 1, 64)
+
+    def loss_fn(batch):
+        return ((fast - target) ** 2).sum() + ((slow - target) ** 2).sum(), {}
+
+    sc = StageConfig(steps=1, lr=1e-2, batch_size=1, warmup=1, log_every=1, ckpt_every=1)
+    stage = train.Stage("slow", [fast, slow], loss_fn, lambda step: {}, sc, slow=[slow],
+                        slow_mult=0.1)
+    train.fit(nn.ParameterList([fast, slow]), stage, tmp_path, progress=False)
+    assert torch.allclose(fast.detach().abs(), torch.full((64,), 1e-2), rtol=1e-3)
+    assert torch.allclose(slow.detach().abs(), torch.full((64,), 1e-3), rtol=1e-3)
+    runs = []  # slow_mult 1 (the presets): the same weights as a stage without `slow`
+    for name, marked in (("plain", False), ("marked", True)):
+        w = nn.Parameter(torch.zeros(64))
+        stage = train.Stage(name, [w], lambda b, w=w: (((w - target) ** 2).sum(), {}),
+                            lambda step: {}, sc, slow=[w] if marked else [], slow_mult=1.0)
+        train.fit(nn.ParameterList([w]), stage, tmp_path, progress=False)
+        runs.append(w.detach())
+    assert torch.equal(*runs)
+
+
+def test_stage0_read_learns_only_the_answer_after_the_caption(cfg):
+    """Stage 0e's rows: the caption, then the question; labels on the answer (and <eos>) only."""
+    from focus_ref.llm import IGNORE
+
+    model = Parts(cfg, seed=0)
+    c = FocusConfig.from_dict(cfg.to_dict())
+    c.train.stage3_scenes, c.train.stage0_read.batch_size = 6, 3
+    rows = standins.reading_rows(c, "train", 6)
+    assert rows and all(kind != "where" for *_, kind in rows)
+    stage = standins.stage0_read(model, c)
+    assert {id(p) for p in stage.params} == {id(p) for p in model.llm.parameters()}
+    batch = stage.batch_fn(0)
+    tok, norm = model.llm.tokenizer, lambda t: " ".join(t.split())
+    pairs = {(norm(p), norm(a)) for p, a, _ in rows}
+    for ids, labels, keep in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        asked = ids[1:][(labels[1:] == IGNORE) & (keep[1:] == 1)]  # after the opening <eos>
+        answer = labels[labels != IGNORE][:-1]  # the answer, without its closing <eos>
+        assert (norm(tok.decode(asked)), norm(tok.decode(answer))) in pairs
+    assert standins.stage0_read(model, c).batch_fn(0)["input_ids"].equal(batch["input_ids"])
