@@ -186,7 +186,8 @@ def stage4_edit(model: nn.Module, cfg, parts: list | None = None, name: str = "s
 
     parts = parts or [model.llm, model.semantic_head, model.segmentation, model.region_encoder,
                       model.diffusion]
-    return Stage(name, _train_only(model, parts), loss_fn, batch_fn, sc, cfg.train.seed)
+    return Stage(name, _train_only(model, parts), loss_fn, batch_fn, sc, cfg.train.seed,
+                 slow=list(model.llm.parameters()), slow_mult=cfg.train.llm_lr_mult)
 
 
 def stage4(model: nn.Module, cfg, out_dir, resume: bool = False, progress: bool = True) -> list:

@@ -18,7 +18,6 @@ None exist at the tiny scale, so stage 0 makes stand-ins on ShapesWorld, each a 
                       the answer only, at a low rate. A released LLM already answers questions
                       about a passage; a look-up our stand-in does not learn from (a) alone,
                       and the skill stage 3 asks of it with image tokens in the caption's place
-                      (off in the presets: measured beside `train.stage0_read` in config.py)
 
 with the held-out checks `clip_retrieval` (image -> caption), `dense_accuracy` (pixels) and
 `reading_accuracy` (questions from the caption).
