@@ -126,7 +126,7 @@ def test_same_seed_gives_the_same_weights_on_several_threads(tmp_path):
 
 
 def test_slow_parameters_take_slow_mult_times_the_step(tmp_path):
-    """Stage.slow (the LLM in stage 3, train.llm_lr_mult): Adam's first step moves every
+    """Stage.slow (the LLM in stages 3-4, train.llm_lr_mult): Adam's first step moves every
     weight by about the learning rate, so the slow ones move slow_mult x as far."""
     fast, slow = nn.Parameter(torch.zeros(64)), nn.Parameter(torch.zeros(64))
     target = torch.linspace(-1, 1, 64)
