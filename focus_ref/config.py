@@ -262,8 +262,8 @@ class TrainConfig:
     #   stage 4 (stage 4 rerun from that job's stage 3), refseg 0.646 and generation 0.185 still:
     #   a trade that stage 4's weight does not undo, so off
     w_visual: float = 1.0  # visual-token cross-entropy
-    grad_clip: float = 1.0
-    mixed_precision: str = "no"  # "no" on CPU; "bf16" on GPUs (accelerate)
+    grad_clip: float = 1.0  # train.fit: max gradient norm of each step; 0 = no clipping
+    mixed_precision: str = "no"  # train.fit's accelerate autocast on GPUs ("bf16"); CPU: fp32
 
 
 @dataclass

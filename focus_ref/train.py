@@ -75,7 +75,11 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
     params = [p for p in stage.params if p.requires_grad]
     if not params:
         raise ValueError(f"{stage.name}: no trainable parameters were given")
-    acc = accelerator or Accelerator(cpu=pick_device().type == "cpu")
+    tc = getattr(getattr(model, "config", None), "train", None)  # FocusConfig.train, if any
+    clip = tc.grad_clip if tc is not None else 1.0  # max gradient norm; 0 = no clipping
+    on_cpu = pick_device().type == "cpu"  # fp32 on CPU (STYLE 9); bf16 where the preset says
+    acc = accelerator or Accelerator(
+        cpu=on_cpu, mixed_precision="no" if on_cpu or tc is None else tc.mixed_precision)
     slow = {id(p) for p in stage.slow} if stage.slow_mult != 1 else set()  # train.llm_lr_mult
     groups = [{"params": [p for p in params if (id(p) in slow) == is_slow],
                "scale": stage.slow_mult if is_slow else 1.0} for is_slow in (False, True)]
@@ -106,7 +110,8 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
                     "check the batch, then rerun with --resume.")
             opt_p.zero_grad(set_to_none=True)
             acc.backward(loss)
-            acc.clip_grad_norm_(params, 1.0)
+            if clip > 0:
+                acc.clip_grad_norm_(params, clip)
             opt_p.step()
             if step % stage.cfg.log_every == 0 or step == stage.cfg.steps - 1:
                 rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, stage.cfg),
@@ -128,14 +133,23 @@ def deterministic():
     apart after a few hundred steps (all 156 tokenizer tensors of stage 1 differed between
     two identical 300-step runs on 2 cores). The deterministic kernels cost 5-12 % here (stage
     1 of the main job: 6.5 -> 7.3 min).
-    warn_only: ops without a deterministic kernel (some on CUDA) warn instead of failing."""
+    warn_only: ops without a deterministic kernel (some on CUDA) warn instead of failing.
+    Deterministic mode also fills every fresh tensor with NaN (a guard against kernels that
+    read memory they never wrote); no kernel here does, so that fill is switched off: it was
+    4-9 % of a training step in torch.profiler (stages 1a, 0d, 4), and the weights a run ends
+    with are the same bit for bit with or without it (tests/test_train.py)."""
+    import torch.utils.deterministic as td
+
     was, warn = (torch.are_deterministic_algorithms_enabled(),
                  torch.is_deterministic_algorithms_warn_only_enabled())
+    fill = td.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
+    td.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn)
+        td.fill_uninitialized_memory = fill
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:

@@ -123,6 +123,29 @@ def test_same_seed_gives_the_same_weights_on_several_threads(tmp_path):
         torch.set_num_threads(threads)
     assert torch.equal(weights[0], weights[1])
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    assert torch.utils.deterministic.fill_uninitialized_memory  # (off only inside fit)
+
+
+class Clipped(nn.Module):
+    """A model carrying a FocusConfig, as FocusModel does: fit reads train.grad_clip from it."""
+
+    def __init__(self, grad_clip):
+        super().__init__()
+        self.config = FocusConfig.tiny()
+        self.config.train.grad_clip = grad_clip
+        self.w = nn.Parameter(torch.zeros(64))
+
+
+@pytest.mark.parametrize("clip, moved", [(0.0, 1e-2), (1.0, 1e-2), (1e-12, 0.0)])
+def test_fit_clips_gradients_at_the_configs_grad_clip(tmp_path, clip, moved):
+    """Adam's first step moves each weight by about lr whatever the gradient's scale, unless
+    the gradient is clipped to near Adam's eps (1e-8): a norm of 1e-12 all but stops it."""
+    model, target = Clipped(clip), torch.linspace(-1, 1, 64)
+    sc = StageConfig(steps=1, lr=1e-2, batch_size=1, warmup=1, log_every=1, ckpt_every=1)
+    stage = train.Stage("clip", [model.w], lambda b: (((model.w - target) ** 2).sum(), {}),
+                        lambda step: {}, sc)
+    train.fit(model, stage, tmp_path, progress=False)
+    assert model.w.detach().abs().max().item() == pytest.approx(moved, abs=1e-5)
 
 
 def test_slow_parameters_take_slow_mult_times_the_step(tmp_path):
