@@ -76,6 +76,8 @@ def train_stage_fields(cfg: FocusConfig):
 def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/tiny",
              resume: bool = False, seed: int = 0, quick: bool = False, init: str | None = None,
              eval_n: int | None = None, progress: bool = True) -> dict:
+    from accelerate import PartialState
+
     from focus_ref.evaluate import calibrate_presence, evaluate_model
     from focus_ref.model import FocusModel
 
@@ -89,8 +91,12 @@ def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/
     cfg.train.seed = seed
     if quick:
         cfg = quick_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.to_json(out / "config.json")
+    state = PartialState()  # accelerate launch: every process reads the folder, one writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / "config.json")
+    state.wait_for_everyone()
     torch.manual_seed(seed)
     model = FocusModel.from_pretrained(init) if init else FocusModel(cfg)
     model.config = cfg
@@ -99,6 +105,8 @@ def main_job(preset: str = "tiny", stages: str = "0-4", out: str | Path = "runs/
         t0 = time.time()
         histories[n] = STAGES[n](model, cfg, out, resume=resume, progress=progress)
         minutes[f"time.stage{n}_min"] = round((time.time() - t0) / 60, 2)
+    if not state.is_main_process:  # accelerate launch: the others' work is done
+        return {}
     if {3, 4} & set(order):  # the presence head trained: choose its GRES operating point
         t0 = time.time()
         calibrate_presence(model, n=4 if quick else 300, progress=progress)

@@ -100,7 +100,9 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
         for step in bar:
             for g in opt_p.param_groups:
                 g["lr"] = lr_at(step, stage.cfg) * g["scale"]
-            batch = _to(stage.batch_fn(step), acc.device)
+            # accelerate launch (DDP): process r of W trains on batch step*W + r, so the W
+            # processes see different samples and a step's batch is W x batch_size
+            batch = _to(stage.batch_fn(step * acc.num_processes + acc.process_index), acc.device)
             with acc.autocast():
                 loss, logs = stage.loss_fn(batch)
             if not torch.isfinite(loss):  # NaN guard: stop, keep the last good checkpoint
@@ -119,7 +121,9 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
                 history.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if (step + 1) % stage.cfg.ckpt_every == 0 or step == stage.cfg.steps - 1:
-                _save(acc.unwrap_model(model_p), opt, params, step + 1, history, ckpt)
+                if acc.is_main_process:  # one writer; every process has the same weights
+                    _save(acc.unwrap_model(model_p), opt, params, step + 1, history, ckpt)
+                acc.wait_for_everyone()
     model.eval()
     return history
 

@@ -192,3 +192,25 @@ def test_stage0_read_learns_only_the_answer_after_the_caption(cfg):
         answer = labels[labels != IGNORE][:-1]  # the answer, without its closing <eos>
         assert (norm(tok.decode(asked)), norm(tok.decode(answer))) in pairs
     assert standins.stage0_read(model, c).batch_fn(0)["input_ids"].equal(batch["input_ids"])
+
+
+def test_each_process_of_a_launch_takes_its_own_batches_and_only_the_first_saves(tmp_path):
+    """DDP: process r of W trains on batch step*W + r (different samples in each process)
+    and leaves checkpoints to process 0."""
+    from accelerate import Accelerator
+
+    class Rank1(Accelerator):  # what `accelerate launch` with 2 processes says in the second
+        num_processes, process_index, is_main_process = 2, 1, False
+
+    seen, w = [], nn.Parameter(torch.zeros(4))
+
+    def batch_fn(step):
+        seen.append(step)
+        return {}
+
+    sc = StageConfig(steps=3, lr=1e-2, batch_size=1, warmup=1, log_every=1, ckpt_every=1)
+    stage = train.Stage("ddp", [w], lambda b: ((w - 1).pow(2).sum(), {}), batch_fn, sc)
+    train.fit(nn.ParameterList([w]), stage, tmp_path, progress=False,
+              accelerator=Rank1(cpu=True))
+    assert seen == [1, 3, 5]
+    assert not (tmp_path / "ddp").exists()  # process 0 writes the checkpoints
