@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint folder (default: the shipped tiny checkpoint)")
         return sp
 
-    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §5 keys)"))
+    e = with_ckpt(sub.add_parser("eval", help="held-out metrics (DESIGN §6 keys)"))
     e.add_argument("--split", default="val", choices=["val", "train", "dev"])
     e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     e.add_argument("--json", help="also write the metrics to this file")
@@ -195,16 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     un.set_defaults(fn=cmd_understand)
 
     ed = with_ckpt(sub.add_parser("edit", help="edit the region an instruction names"))
-    ed.add_argument("--image", required=True)
+    ed.add_argument("--image", required=True, help="PNG / JPEG (resized to the model's size)")
     ed.add_argument("--instruction", required=True, help='e.g. "make the red circle blue"')
     add_region_options(ed, required=False)
-    ed.add_argument("--out", required=True)
+    ed.add_argument("--out", required=True, help="where to write the edited image (PNG)")
     ed.set_defaults(fn=cmd_edit)
 
     gn = with_ckpt(sub.add_parser("generate", help="an image from a caption"))
-    gn.add_argument("--prompt", required=True)
-    gn.add_argument("--seed", type=int, default=0)
-    gn.add_argument("--out", required=True)
+    gn.add_argument("--prompt", required=True,
+                    help='a ShapesWorld caption, e.g. "a small red circle and a large blue square"')
+    gn.add_argument("--seed", type=int, default=0,
+                    help="the sampler's noise (same seed, same image)")
+    gn.add_argument("--out", required=True, help="where to write the image (PNG)")
     gn.set_defaults(fn=cmd_generate)
 
     b = with_ckpt(sub.add_parser(

@@ -249,12 +249,15 @@ class FocusLLM(nn.Module):
     # ----- generation ------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch: dict, image_tokens=None, region_tokens=None,
-                 max_new_tokens: int = 48, allow_visual: bool = False) -> dict:
+                 max_new_tokens: int = 48, allow_visual: bool = False,
+                 stop_after: tuple[int, int] | None = None) -> dict:
         """Greedy decoding with a KV cache (each step feeds only the newest token).
 
         `batch` from encode(..., padding_side="left"). Returns the generated ids, the decoded
         texts, and `hidden` (B, T_new, D): the state that emitted each generated token (so the
         state behind a generated <seg> is hidden[b, t] where ids[b][t] == seg_id).
+        stop_after (token id, n): a row is done once it has written that token n times (what
+        comes after cannot change the states before it: a causal LM).
         """
         if (batch["attention_mask"][:, -1] == 0).any():
             raise ValueError("generation needs left padding: encode(..., padding_side='left')")
@@ -272,6 +275,8 @@ class FocusLLM(nn.Module):
                                attention_mask=mask, use_cache=True)
         B, eos = mask.shape[0], self.tokenizer.eos_token_id
         done = torch.zeros(B, dtype=torch.bool, device=mask.device)
+        stop_id, stop_n = stop_after or (eos, 1)
+        written = torch.zeros(B, dtype=torch.long, device=mask.device)  # stop_id so far
         ids, states = [], []
         for _ in range(max_new_tokens):
             h = out.last_hidden_state[:, -1]  # (B, D) the newest position's state
@@ -279,7 +284,8 @@ class FocusLLM(nn.Module):
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             ids.append(nxt)
             states.append(h)
-            done |= nxt == eos
+            written += (nxt == stop_id) & ~done
+            done |= (nxt == eos) | (written >= stop_n)
             if done.all():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, T+1)

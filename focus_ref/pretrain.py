@@ -347,7 +347,7 @@ def segment_once(model, image, out, expression, region, max_targets, threshold=N
     prompt = SEGMENT_REGION if region is not None else SEGMENT.format(expression)
     batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
     gen = llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
-                       max_new_tokens=max_targets + 1)
+                       max_new_tokens=max_targets + 1, stop_after=(llm.seg_id, max_targets))
     pos = [t for t, i in enumerate(gen["ids"][0]) if i == llm.seg_id][:max_targets]
     if not pos:  # the LLM answered in words: "no target"
         none = torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)

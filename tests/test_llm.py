@@ -131,6 +131,14 @@ def test_generation_with_kv_cache_matches_full_recompute(tiny):
         emb = torch.cat([emb, llm.model.get_input_embeddings()(nxt)[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert len(g["texts"]) == 2
+    for row in range(2):  # stop_after (token, n): each row ends at its n-th such token
+        first = g["ids"][row][0]
+        n = g["ids"][row].count(first)  # (every generated row is non-empty here)
+        early = llm.generate(b, image_tokens=img, max_new_tokens=6, stop_after=(first, 1))
+        assert early["ids"][row] == [first]
+        assert torch.equal(early["hidden"][row, 0], g["hidden"][row, 0])
+        late = llm.generate(b, image_tokens=img, max_new_tokens=6, stop_after=(first, n + 1))
+        assert late["ids"] == g["ids"]  # never reached: unchanged
     with pytest.raises(ValueError, match="left padding"):
         llm.generate(llm.encode(["<image>", "<image>a b c"]), image_tokens=img)
 
