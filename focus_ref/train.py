@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.deterministic as td
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm  # plain text bars: no widget state in notebooks
 
-from focus_ref.config import StageConfig
+from focus_ref.config import StageConfig, TrainConfig
 
 Batch = dict
 LossFn = Callable[[Batch], "tuple[torch.Tensor, dict[str, float]]"]
@@ -75,11 +76,11 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
     params = [p for p in stage.params if p.requires_grad]
     if not params:
         raise ValueError(f"{stage.name}: no trainable parameters were given")
-    tc = getattr(getattr(model, "config", None), "train", None)  # FocusConfig.train, if any
-    clip = tc.grad_clip if tc is not None else 1.0  # max gradient norm; 0 = no clipping
+    # the model's FocusConfig.train (the defaults for a bare module): grad_clip, mixed_precision
+    tc = getattr(getattr(model, "config", None), "train", None) or TrainConfig()
     on_cpu = pick_device().type == "cpu"  # fp32 on CPU (STYLE 9); bf16 where the preset says
-    acc = accelerator or Accelerator(
-        cpu=on_cpu, mixed_precision="no" if on_cpu or tc is None else tc.mixed_precision)
+    acc = accelerator or Accelerator(cpu=on_cpu,
+                                     mixed_precision="no" if on_cpu else tc.mixed_precision)
     slow = {id(p) for p in stage.slow} if stage.slow_mult != 1 else set()  # train.llm_lr_mult
     groups = [{"params": [p for p in params if (id(p) in slow) == is_slow],
                "scale": stage.slow_mult if is_slow else 1.0} for is_slow in (False, True)]
@@ -112,8 +113,8 @@ def fit(model: nn.Module, stage: Stage, out_dir: str | Path, resume: bool = Fals
                     "check the batch, then rerun with --resume.")
             opt_p.zero_grad(set_to_none=True)
             acc.backward(loss)
-            if clip > 0:
-                acc.clip_grad_norm_(params, clip)
+            if tc.grad_clip > 0:  # max gradient norm; 0 = no clipping
+                acc.clip_grad_norm_(params, tc.grad_clip)
             opt_p.step()
             if step % stage.cfg.log_every == 0 or step == stage.cfg.steps - 1:
                 rec = {"step": step, "loss": loss.item(), "lr": lr_at(step, stage.cfg),
@@ -142,8 +143,6 @@ def deterministic():
     read memory they never wrote); no kernel here does, so that fill is switched off: it was
     4-9 % of a training step in torch.profiler (stages 1a, 0d, 4), and the weights a run ends
     with are the same bit for bit with or without it (tests/test_train.py)."""
-    import torch.utils.deterministic as td
-
     was, warn = (torch.are_deterministic_algorithms_enabled(),
                  torch.is_deterministic_algorithms_warn_only_enabled())
     fill = td.fill_uninitialized_memory
