@@ -116,7 +116,13 @@ class SegmentationConfig:
     """SAM-style mask decoder driven by the <seg> hidden state (paper §3.3, LISA)."""
 
     dim: int = 64
-    num_layers: int = 2
+    num_layers: int = 4  # two-way transformer blocks (SAM: 2). Isolated, stage 0d alone on a
+    #   fresh predictor (600 steps, 100 dev scenes, mask IoU ignoring presence): 2 blocks (two
+    #   inits) relation 0.48 / 0.50, superlative 0.33 / 0.36, attribute 0.38 / 0.58; 4 blocks
+    #   0.56, 0.42, 0.61; 6 blocks 0.53, 0.42, 0.68; 2 blocks of width 128: 0.45, 0.32, 0.51;
+    #   4 blocks cost 3 % more stage-0d time (the decoder grid is 8 x 8). The main job with 4
+    #   (200 val scenes): refseg cIoU 0.613 -> 0.656, N / T-acc 0.925 / 0.90 -> 0.92 / 0.945,
+    #   edits 0.26 -> 0.29, generation 0.24 -> 0.22, "what is this?" 0.17 -> 0.04
     num_heads: int = 4
     mlp_dim: int = 256
     num_region_tokens: int = 4  # tokens one region prompt becomes in the LLM input
