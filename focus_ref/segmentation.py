@@ -21,6 +21,8 @@ and the image to them), `SamFeedForward` (hypernetwork and presence heads), `Sam
 (dense prompt) and `SamPositionalEmbedding`. Written here: the `<seg>` projection, LAVT's
 pixel-word attention over the expression's words *in order* (learned word positions: without
 them "the circle left of the square" and "the square left of the circle" read the same), the
+same ordered words as prompt tokens of the two-way transformer beside `<seg>` (MDETR's idea:
+words and image attend to each other block after block), the
 position encoding added to the image tokens themselves (so what the prompt tokens gather says
 where it is: "leftmost", "left of"), a feature pyramid over the ConvNeXt stages, and a
 SAM-2-style upsampling path that adds the finer stages, and below stride 4 the image itself,
@@ -91,6 +93,15 @@ class SegmentationPredictor(nn.Module):
         # words cannot tell the target of "the circle left of the square" from its anchor;
         # isolated harness, relation expressions: IoU 0.35 -> 0.72)
         self.word_pos = nn.Embedding(s.max_words, s.dim)
+        # the ordered words as prompt tokens of the two-way transformer too (MDETR's idea: the
+        # words attend to the image and to each other, block after block, so "left of the
+        # diamond" can find the diamond first); a fixed number of slots, the unused ones a
+        # learned pad, so a mask never depends on how long the other rows of a batch are
+        self.word_slots = s.word_tokens
+        if s.word_tokens:
+            with torch.random.fork_rng(devices=[]):  # every other weight starts as before
+                self.word_pad = nn.Parameter(torch.randn(s.word_tokens, s.dim) * 0.02)
+                self.word_type = nn.Parameter(torch.randn(s.dim) * 0.02)
         # feature pyramid (FPN): 1x1 laterals, coarse-to-fine top-down sum, SAM's neck norm
         self.lateral = nn.ModuleList(nn.Conv2d(c, s.dim, 1) for c in dims[self.level:])
         # + the image's own colours at the decoder grid, so "the red object" can find red
@@ -224,6 +235,8 @@ class SegmentationPredictor(nn.Module):
         if mean is not None:  # + the expression's words, pooled (B, D) -> (B*K, 1, 1, dim)
             text = self.text_proj(mean).repeat_interleave(K, 0)[:, None, None]
             tokens = torch.cat([tokens, text], 2)  # (B*K, 1, 4, dim)
+        if self.word_slots and text_states is not None and text_states.dim() == 3:
+            tokens = torch.cat([tokens, self._word_slots(v, keep, K)], 2)  # (B*K, 1, 4+S, dim)
         # + the position encoding in the image tokens themselves (SAM adds it to queries and
         # keys only): values then carry *where*, so "the leftmost ..." and "left of ..." can be
         # resolved by tokens that gather positions (isolated harness: superlatives 0.51 -> 0.61)
@@ -249,6 +262,15 @@ class SegmentationPredictor(nn.Module):
                                   align_corners=False)  # (B, K, size, size)
         presence = self.presence_head(tokens[:, 0, 0]).view(B, K)  # (B, K)
         return masks, presence
+
+    def _word_slots(self, words, keep, K: int) -> torch.Tensor:
+        """Ordered words (B, L, dim) + mask (B, L) -> S word prompt tokens (B*K, 1, S, dim):
+        the first S words, the rest of the slots the learned pad."""
+        S, (B, L) = self.word_slots, keep.shape
+        w = F.pad(words, (0, 0, 0, max(S - L, 0)))[:, :S]  # (B, S, dim)
+        k = F.pad(keep, (0, max(S - L, 0)))[:, :S, None]  # (B, S, 1)
+        w = torch.where(k, w + self.word_type, self.word_pad.to(w.dtype))  # (B, S, dim)
+        return w.repeat_interleave(K, 0)[:, None]  # (B*K, 1, S, dim)
 
     def _pwam(self, img, pe, words, keep, K: int) -> torch.Tensor:
         """LAVT's pixel-word attention: image (B*K, dim, h, w) cells attend to the words

@@ -322,3 +322,39 @@ def test_per_word_states_steer_the_mask_and_padding_words_are_ignored(predictor)
     keep7 = torch.cat([keep, torch.zeros(2, 3, dtype=torch.bool)], 1)
     c, pc = predictor(states, features(), image(), text_states=padded, text_mask=keep7)
     assert torch.allclose(a, c, atol=1e-4) and torch.allclose(pa, pc, atol=1e-4)
+
+
+def test_words_are_also_prompt_tokens_of_the_two_way_transformer():
+    """segmentation.word_tokens: the first S prompt words join the two-way transformer's prompt
+    tokens (a longer expression is cut there; PWAM and the pooled token still read it all).
+    Built from one seed, a predictor with and without them shares every other weight, and
+    without per-word states (only their mean) the two give the same mask."""
+    S = CFG.segmentation.word_tokens
+    assert S > 0
+    off_cfg = copy.deepcopy(CFG)
+    off_cfg.segmentation.word_tokens = 0
+    torch.manual_seed(0)
+    off = SegmentationPredictor(off_cfg).eval()
+    torch.manual_seed(0)
+    on = SegmentationPredictor(CFG).eval()
+    shared = off.state_dict()
+    assert set(on.state_dict()) - set(shared) == {"word_pad", "word_type"}
+    assert all(torch.equal(on.state_dict()[k], v) for k, v in shared.items())
+    states, words = torch.randn(2, 1, D), torch.randn(2, S + 3, D)  # longer than the slots
+    mean = words.mean(1)
+    a, pa = off(states, features(), image(), text_states=mean)
+    b, pb = on(states, features(), image(), text_states=mean)
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    a, _ = off(states, features(), image(), text_states=words)
+    b, _ = on(states, features(), image(), text_states=words)
+    assert b.shape == (2, 1, H, H) and not torch.allclose(a, b, atol=1e-4)
+    cut = words.clone()
+    cut[:, S:] = torch.randn(2, 3, D)  # words past the slots: read by PWAM / the mean only
+    no_pwam = copy.deepcopy(on)
+    for m in (no_pwam.word_fuse[-1], no_pwam.text_proj[-1]):
+        m.weight.data.zero_()
+        m.bias.data.zero_()
+    c, _ = no_pwam(states, features(), image(), text_states=words)
+    d, _ = no_pwam(states, features(), image(), text_states=cut)
+    e, _ = no_pwam(states, features(), image(), text_states=words.flip(0))
+    assert torch.allclose(c, d, atol=1e-5) and not torch.allclose(c, e, atol=1e-4)
