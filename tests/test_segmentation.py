@@ -92,16 +92,22 @@ def test_predictor_bad_inputs(predictor):
         SegmentationPredictor(bad)
 
 
+def _with_and_without(field: str):
+    """Two predictors built from one seed: the tiny config's, and one with
+    `segmentation.<field>` = 0 (the part switched off)."""
+    off = copy.deepcopy(CFG)
+    setattr(off.segmentation, field, 0)
+    torch.manual_seed(0)
+    a = SegmentationPredictor(CFG).eval()
+    torch.manual_seed(0)
+    return a, SegmentationPredictor(off).eval()
+
+
 def test_refinement_starts_as_the_identity_and_reads_the_image():
     """The full-resolution refinement is zero-initialised from a forked RNG: with it the
     predictor gives exactly the masks it gives without it, every other weight unchanged; once
     its last layer is non-zero the masks change with it."""
-    off = copy.deepcopy(CFG)
-    off.segmentation.fine_width = 0
-    torch.manual_seed(0)
-    a = SegmentationPredictor(CFG).eval()
-    torch.manual_seed(0)
-    b = SegmentationPredictor(off).eval()
+    a, b = _with_and_without("fine_width")
     assert a.fine is not None and b.fine is None
     sb = b.state_dict()
     assert all(torch.equal(v, sb[k]) for k, v in a.state_dict().items() if k in sb)
@@ -331,12 +337,7 @@ def test_words_are_also_prompt_tokens_of_the_two_way_transformer():
     without per-word states (only their mean) the two give the same mask."""
     S = CFG.segmentation.word_tokens
     assert S > 0
-    off_cfg = copy.deepcopy(CFG)
-    off_cfg.segmentation.word_tokens = 0
-    torch.manual_seed(0)
-    off = SegmentationPredictor(off_cfg).eval()
-    torch.manual_seed(0)
-    on = SegmentationPredictor(CFG).eval()
+    on, off = _with_and_without("word_tokens")
     shared = off.state_dict()
     assert set(on.state_dict()) - set(shared) == {"word_pad", "word_type"}
     assert all(torch.equal(on.state_dict()[k], v) for k, v in shared.items())
