@@ -266,7 +266,7 @@ class SegmentationPredictor(nn.Module):
     def _word_slots(self, words, keep, K: int) -> torch.Tensor:
         """Ordered words (B, L, dim) + mask (B, L) -> S word prompt tokens (B*K, 1, S, dim):
         the first S words, the rest of the slots the learned pad."""
-        S, (B, L) = self.word_slots, keep.shape
+        S, L = self.word_slots, keep.shape[1]
         w = F.pad(words, (0, 0, 0, max(S - L, 0)))[:, :S]  # (B, S, dim)
         k = F.pad(keep, (0, max(S - L, 0)))[:, :S, None]  # (B, S, 1)
         w = torch.where(k, w + self.word_type, self.word_pad.to(w.dtype))  # (B, S, dim)
