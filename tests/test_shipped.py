@@ -19,11 +19,11 @@ from focus_ref.shapesworld import ShapesWorld
 SHIPPED = Path(__file__).resolve().parent.parent / "data_samples" / "checkpoint"
 SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val scene 9)
 # Regression floors on 48 held-out scenes, set below what this checkpoint measured there
-# (fp16 on disk; refseg cIoU 0.70, GRES N-acc 0.96 / T-acc 0.96 at the presence threshold
-# the main job chose on dev scenes, region mIoU 0.935 (clicks 0.92 with two refinement passes
-# and clean-up), VQA 0.34, tokenizer 28.4 dB / usage 0.98, edit success 0.27 with background
-# PSNR 73 dB, generation 0.25; the checkpoint before, without the word prompt tokens: 0.72,
-# 0.90 / 0.95, 0.925, 0.31, 0.29, 0.21). They
+# (fp16 on disk; refseg cIoU 0.79, GRES N-acc 0.96 / T-acc 0.96 at the presence threshold
+# the main job chose on dev scenes, region mIoU 0.946 (clicks 0.93 with two refinement passes
+# and clean-up), VQA 0.31, tokenizer 28.4 dB / usage 0.98, edit success 0.27 with background
+# PSNR 82 dB, generation 0.21; the checkpoint before, with stage 0c at 1500 steps: 0.70,
+# 0.96 / 0.96, 0.935, 0.34, 0.27, 0.25). They
 # catch a checkpoint that no longer loads or works with the current code; they
 # are NOT the issues' targets, several of which this checkpoint misses (README: "What the
 # shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
@@ -67,7 +67,7 @@ def test_held_out_quality_meets_the_floors(model):
 def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, val):
     q = edit_quality(model, val[:32])
     assert q["bg_psnr"] >= 28, q  # outside the predicted region the source is kept
-    # absent objects: the checkpoint before this one refused 11 of these 18 (issue 6 asks
+    # absent objects: this checkpoint refuses 17 of these 18, the one before 11 (issue 6 asks
     # for all; stage 4 trains an empty <seg> for them, GRES-style); a floor
     assert refusal_quality(model, val[:24])["refused"] >= 0.5
 
