@@ -73,8 +73,9 @@ def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, va
     assert refusal_quality(model, val[:24])["refused"] >= 0.5
 
 
-def test_the_presence_threshold_decides_no_target(model, val):
-    """The main job chose the "no target" threshold on dev scenes; segment and edit obey it."""
+def test_the_presence_threshold_decides_no_target(model, val, monkeypatch, tmp_path, capsys):
+    """The main job chose the "no target" threshold on dev scenes; segment and edit obey it,
+    and the CLI says when it wrote the image unchanged."""
     thr = model.config.segmentation.presence_threshold
     s = val[1]
     try:
@@ -87,6 +88,11 @@ def test_the_presence_threshold_decides_no_target(model, val):
         with pytest.warns(UserWarning, match="no such object"):
             out = model.edit(s["image"], s["edit"]["instruction"])
         assert out.info["focus_reason"] == NO_OBJECT and (np.asarray(out) == s["image"]).all()
+        monkeypatch.setattr("focus_ref.__main__.load_model", lambda args: model)
+        with pytest.warns(UserWarning, match="no such object"):
+            assert main(["edit", "--image", str(SCENE), "--instruction", "remove the circle",
+                         "--out", str(tmp_path / "same.png")]) == 0
+        assert f"unchanged: the model answered {NO_OBJECT!r}" in capsys.readouterr().out
     finally:
         model.config.segmentation.presence_threshold = thr
 
