@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
             "+ diffusion decoder), 2 (adapter warm-up), 3 (multimodal pretraining with "
             "segmentation) and 4 (region-controlled editing), then the \"no target\" threshold "
             "chosen on dev scenes and the held-out evaluation.",
-            "  --preset tiny   about 40 minutes on 2 CPU cores (the README gives each stage's)\n"
+            "  --preset tiny   22 to 45 minutes on 2 CPU cores, by the day (README: each stage)\n"
             "  --quick         3 steps per stage: a smoke test of the whole pipeline",
             "Writes OUT/config.json, OUT/stage*/ (resumable safetensors checkpoints), OUT/final/ "
             "(the model: give it to any command as --checkpoint OUT/final), OUT/metrics.json, "
@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_ckpt(sub.add_parser(
         "eval", help="held-out metrics (DESIGN §6 keys)",
         description="Every held-out metric of a checkpoint (refseg / GRES, region prompts, VQA, "
-        "tokenizer, edits, generation) on scenes never trained on, printed as JSON; about 4 "
-        "minutes on 2 CPU cores for the default 200 scenes (--n 48: about 1 minute)."))
+        "tokenizer, edits, generation) on scenes never trained on, printed as JSON; 2 to 4 "
+        "minutes on 2 CPU cores for the default 200 scenes, as fast or slow as the day."))
     e.add_argument("--split", default="val", choices=["val", "train", "dev"])
     e.add_argument("--n", type=int, default=200, help="held-out scenes per task")
     e.add_argument("--json", help="also write the metrics to this file")
