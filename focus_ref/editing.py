@@ -341,6 +341,30 @@ def edit_quality(model, samples: list[dict], seed: int = 0, composite: bool = Tr
 
 
 @torch.no_grad()
+def edit_ceiling(model, samples: list[dict]) -> dict:
+    """What a perfect decoder could score: each edit's exact target image through the
+    tokenizer (the decoder can only hand back what MoVQ decodes), pasted into the source
+    inside the true region and judged by edit_quality's oracle; per edit kind. The tokenizer
+    blurs an edge by about a pixel, and the oracle wants 90 % of the region's pixels right."""
+    from focus_ref.data import image_to_tensor, tensor_to_image
+    from focus_ref.oracle import judge_edit
+
+    tok, rec = model.visual_tokenizer.eval(), []
+    for i in range(0, len(samples), 64):
+        chunk = samples[i:i + 64]
+        goal = torch.stack([image_to_tensor(s["edit"]["target_image"]) for s in chunk])
+        out = tok.decode(tok.encode(goal.to(model.device))).clamp(-1, 1)  # (B, 3, H, W)
+        for s, im in zip(chunk, out):
+            e = s["edit"]
+            pasted = np.where(e["region"][..., None], tensor_to_image(im), s["image"])
+            rec.append((e["kind"], judge_edit(pasted, e)["success"]))
+    res = {"success": float(np.mean([ok for _, ok in rec])), "n": len(rec)}
+    for kind in sorted({k for k, _ in rec}):
+        res[f"success.{kind}"] = float(np.mean([ok for k, ok in rec if k == kind]))
+    return res
+
+
+@torch.no_grad()
 def refusal_quality(model, samples: list[dict], batch_size: int = 16) -> dict:
     """Edits that name an absent object: the share refused (answered "no such object")."""
     from focus_ref.data import image_to_tensor

@@ -108,6 +108,22 @@ def test_generate_is_deterministic_under_a_seed(model):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+
+def test_the_edit_ceiling_pastes_the_decoded_target_inside_the_true_region(model, val, monkeypatch):
+    """edit_ceiling: with a tokenizer that decodes every image exactly, every edit passes;
+    with one that decodes everything as the source image, only what the region changes fails."""
+    tok = model.visual_tokenizer
+    monkeypatch.setattr(tok, "encode", lambda x: x)
+    monkeypatch.setattr(tok, "decode", lambda x: x)
+    perfect = E.edit_ceiling(model, val)
+    assert perfect["success"] == 1.0 and perfect["n"] == len(val)
+    assert {f"success.{s['edit']['kind']}" for s in val} <= set(perfect)
+    from focus_ref.data import image_to_tensor
+
+    sources = torch.stack([image_to_tensor(s["image"]) for s in val])
+    monkeypatch.setattr(tok, "decode", lambda x: sources[:len(x)])  # "nothing changed"
+    assert E.edit_ceiling(model, val)["success"] == 0.0
+
 # ----- bad input ---------------------------------------------------------------------------
 @pytest.mark.parametrize("instruction,match", [("", "empty instruction"),
                                                ("   ", "empty instruction"),

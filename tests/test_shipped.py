@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from focus_ref.__main__ import main
-from focus_ref.editing import NO_OBJECT, edit_quality, refusal_quality
+from focus_ref.editing import NO_OBJECT, edit_ceiling, edit_quality, refusal_quality
 from focus_ref.evaluate import evaluate_model
 from focus_ref.model import FocusModel
 from focus_ref.shapesworld import ShapesWorld
@@ -71,6 +71,15 @@ def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, va
     # absent objects: this checkpoint refuses 17 of these 18, the one before 11 (issue 6 asks
     # for all; stage 4 trains an empty <seg> for them, GRES-style); a floor
     assert refusal_quality(model, val[:24])["refused"] >= 0.5
+
+
+def test_the_tokenizer_leaves_room_for_the_edit_target(model, val):
+    """The exact target images through the shipped tokenizer pass the oracle at least as
+    often as the model's edits, and almost always for removals and background changes
+    (measured on 100 val edits: 0.83; recolours 0.64, edges blurred by a pixel)."""
+    c = edit_ceiling(model, val)
+    assert c["success"] >= edit_quality(model, val)["success"], c
+    assert min(c["success.remove"], c["success.background"]) >= 0.9, c
 
 
 def test_the_presence_threshold_decides_no_target(model, val, monkeypatch, tmp_path, capsys):
