@@ -1,14 +1,12 @@
 """Segmentation predictor and region-prompt encoder (FOCUS, arXiv 2506.16806, §3.3 and Fig. 2).
 
 What the paper says: the LLM writes a `<seg>` token wherever an answer refers to a region; the
-hidden state of that token, projected, is the prompt of a SAM-style mask decoder that reads the
-hierarchical (ConvNeXt) encoder's high-resolution, multi-scale features and predicts the mask
-(the LISA recipe). One `<seg>` per target, so several targets give several masks; the GRES
-"no target" outcome is the LLM writing no `<seg>`, or the predictor's presence score saying
-empty. In the other direction a user may point instead of (or as well as) speaking: a click, a
-scribble, a box or a mask becomes a few region tokens spliced into the LLM input (UniPixel).
+hidden state of that token, projected, prompts a SAM-style mask decoder over the hierarchical
+(ConvNeXt) encoder's multi-scale features (the LISA recipe). One `<seg>` per target, so several
+targets give several masks; "no target" (GRES) is no `<seg>`, or a presence score saying empty.
+The other way round, a click, a scribble, a box or a mask becomes region tokens spliced into
+the LLM input (UniPixel), so a user may point instead of (or as well as) speaking.
 
-This file builds:
   SegmentationPredictor  <seg> states (B, K, D_llm) + features [(B, C_i, H/s_i, W/s_i)]
                          + the image (B, 3, H, W) [+ region maps (B, K, H, W)]
                          -> mask logits (B, K, H, W) + presence logits (B, K)
@@ -16,23 +14,17 @@ This file builds:
   RegionPromptEncoder    a rasterised prompt + the features -> (B, T, D_llm) region tokens
   segmentation_loss      mask BCE on all (empty for an absent target), Dice on present
                          targets, presence BCE on all
-Built from transformers' SAM parts: `SamTwoWayTransformer` (prompt tokens attend to the image
-and the image to them), `SamFeedForward` (hypernetwork and presence heads), `SamMaskEmbedding`
-(dense prompt) and `SamPositionalEmbedding`. Written here: the `<seg>` projection, LAVT's
-pixel-word attention over the expression's words *in order* (learned word positions: without
-them "the circle left of the square" and "the square left of the circle" read the same), the
-same ordered words as prompt tokens of the two-way transformer beside `<seg>` (MDETR's idea:
-words and image attend to each other block after block), the
-position encoding added to the image tokens themselves (so what the prompt tokens gather says
-where it is: "leftmost", "left of"), a feature pyramid over the ConvNeXt stages, and a
-SAM-2-style upsampling path that adds the finer stages, and below stride 4 the image itself,
-at every x2 step up to full resolution, plus a coarse CRIS-style prior (mask token . image
-token per cell; on ShapesWorld it lifted region-prompt mIoU at 250 steps from 0.72 to 0.84,
-mostly clicks and scribbles), and a small full-resolution refinement of the logits from the
-image's pixels (CascadePSP's idea: masks spill less onto touching objects). Why not
-`SamMaskDecoder` as is: its x4 upsampling has no skips, so it ends at stride 1 from stride-4
-tokens with no finer evidence; on ShapesWorld even the *true* masks, pooled to 16x16 and
-upsampled bilinearly, score cIoU 0.89 (32x32: 0.97), so a 64 px mask needs pixel-level input.
+Built from transformers' SAM parts (`SamTwoWayTransformer`, `SamFeedForward`, `SamMaskEmbedding`,
+`SamPositionalEmbedding`). Written here: the `<seg>` projection; the expression's words *in
+order* (learned positions: else "the circle left of the square" reads as "the square left of
+the circle") through LAVT's pixel-word attention and as prompt tokens of the two-way
+transformer (MDETR); positions added to the image tokens themselves ("leftmost", "left of");
+an FPN over the ConvNeXt stages; SAM-2-style x2 upsampling with the finer stage (below
+stride 4, the image) added at each step; a CRIS-style coarse prior (mask token . image token);
+a CascadePSP-style refinement of the logits from the image's pixels. Why not `SamMaskDecoder`
+as is: its x4 upsampling has no skips, and on ShapesWorld even the *true* masks pooled to 16x16
+and upsampled score cIoU 0.89, so a 64 px mask needs pixel-level input. Measurements behind
+each part: docs/lab_notes.md.
 """
 
 from __future__ import annotations
@@ -76,27 +68,21 @@ class SegmentationPredictor(nn.Module):
         h = cfg.llm.hidden_size
         # LISA's text_hidden_fcs: the <seg> hidden state, projected to the decoder width
         self.seg_proj = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Linear(h, s.dim))
-        # the expression's words, pooled: a second sparse prompt (at this scale the states
-        # before <seg> all predict <seg> and nearly coincide, so alone they barely say *which*
-        # object); normed first: word embeddings are ~30x smaller than LLM states, and without
-        # the norm this token said almost nothing
+        # the expression's words, pooled: a second sparse prompt (the states before <seg> nearly
+        # coincide at this scale); normed: word embeddings are ~30x smaller than LLM states
         self.text_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.ReLU(),
                                        nn.Linear(h, s.dim))
-        # word-level language features (CRIS / LAVT): each word's LLM input embedding, normed
-        # and projected; LAVT's pixel-word attention (PWAM) lets every image cell gather the
-        # words about it, fused by an element-wise product
+        # word-level features (CRIS / LAVT): LAVT's pixel-word attention (PWAM) lets every image
+        # cell gather the words about it, fused by an element-wise product
         self.word_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, s.dim))
         self.word_attn = nn.MultiheadAttention(s.dim, s.num_heads, batch_first=True)
         self.word_fuse = nn.Sequential(nn.Linear(s.dim, s.dim), nn.GELU(),
                                        nn.Linear(s.dim, s.dim))
-        # word order: a learned position per word, added to each projected word (a bag of
-        # words cannot tell the target of "the circle left of the square" from its anchor;
-        # isolated harness, relation expressions: IoU 0.35 -> 0.72)
+        # word order: a learned position per word (a bag of words cannot tell the target of
+        # "the circle left of the square" from its anchor; relations IoU 0.35 -> 0.72)
         self.word_pos = nn.Embedding(s.max_words, s.dim)
-        # the ordered words as prompt tokens of the two-way transformer too (MDETR's idea: the
-        # words attend to the image and to each other, block after block, so "left of the
-        # diamond" can find the diamond first); a fixed number of slots, the unused ones a
-        # learned pad, so a mask never depends on how long the other rows of a batch are
+        # the ordered words as prompt tokens of the two-way transformer too (MDETR): fixed
+        # slots, unused ones a learned pad, so a mask never depends on the batch's other rows
         self.word_slots = s.word_tokens
         if s.word_tokens:
             with torch.random.fork_rng(devices=[]):  # every other weight starts as before
@@ -104,8 +90,7 @@ class SegmentationPredictor(nn.Module):
                 self.word_type = nn.Parameter(torch.randn(s.dim) * 0.02)
         # feature pyramid (FPN): 1x1 laterals, coarse-to-fine top-down sum, SAM's neck norm
         self.lateral = nn.ModuleList(nn.Conv2d(c, s.dim, 1) for c in dims[self.level:])
-        # + the image's own colours at the decoder grid, so "the red object" can find red
-        # without relying on the tiny ConvNeXt (measured: no clear gain in 900 stage-3 steps)
+        # + the image's own colours at the decoder grid ("the red object" without the ConvNeXt)
         self.pixel_lateral = nn.Conv2d(3, s.dim, 1)
         self.norm = SamLayerNorm(s.dim, data_format="channels_first")
         self.pos = _positional(s.dim)  # dense positional encoding of the image tokens
@@ -139,11 +124,9 @@ class SegmentationPredictor(nn.Module):
         # coarse prior (CRIS-style text-to-pixel alignment): mask token . image token, per cell
         self.prior_q, self.prior_k = nn.Linear(s.dim, s.dim), nn.Linear(s.dim, s.dim)
         self.presence_head = SamFeedForward(s.dim, s.dim, 1, 3)
-        # mask refinement at full resolution (CascadePSP-style): the logits, the last decoder
-        # features and the image's own pixels -> a residual on the logits, receptive field 9 px,
-        # zero-initialised (starts as the identity); it cuts masks along colour edges where the
-        # 8-channel end of the decoder let them spill onto a touching object
-        # (drawn from a forked RNG: every other weight starts as it did before it was added)
+        # refinement at full resolution (CascadePSP): logits + last features + the image's
+        # pixels -> a zero-initialised residual on the logits (receptive field 9 px) that cuts
+        # masks along colour edges; a forked RNG keeps every other weight's initial value
         self.fine, w = None, s.fine_width
         if w:
             with torch.random.fork_rng(devices=[]):
@@ -159,10 +142,9 @@ class SegmentationPredictor(nn.Module):
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(features[self.level:-1])):
             x = lat(f) + F.interpolate(x, size=f.shape[-2:], mode="nearest")  # (B, dim, h, w)
         x = x + self.pixel_lateral(F.adaptive_avg_pool2d(image, x.shape[-2:]))  # (B, dim, h, w)
-        # per-channel spatial normalisation (instance norm) before SAM's per-cell norm: the
-        # CLIP-trained features are mostly one image-wide vector (channel mean 3.4 vs spatial
-        # std 0.28), so after the per-cell norm every cell looked alike (spatial std 0.06) and
-        # words could not pick an object (issue #5; region prompts hid it via the dense prompt)
+        # instance norm before SAM's per-cell norm: the CLIP-trained features are mostly one
+        # image-wide vector (channel mean 3.4 vs spatial std 0.28), so after the per-cell norm
+        # alone every cell looked alike and words could not pick an object
         x = F.instance_norm(x)  # (B, dim, h, w): zero mean, unit spread over the cells
         return self.norm(x)  # (B, dim, h, w), h = H / decoder_stride
 
@@ -196,12 +178,10 @@ class SegmentationPredictor(nn.Module):
         """<seg> states (B, K, D_llm), features [(B, C_i, H_i, W_i)], image (B, 3, H, W)
         -> mask logits (B, K, H, W), presence logits (B, K).
 
-        region_maps (B, K, H, W), optional: the rasterised region prompt each <seg> answers
-        (all zeros where a <seg> answers words only), given to the decoder as SAM's dense prompt.
-        text_states, optional: the LLM's states of each row's prompt words, (B, L, D_llm) with
-        text_mask (B, L) (True = a word, False = padding; default all words), or their mean
-        (B, D_llm). Their mean is a second sparse prompt token shared by the row's <seg>s;
-        per-word states also make the image tokens language-aware (LAVT's PWAM).
+        region_maps (B, K, H, W), optional: each <seg>'s rasterised region prompt (zeros for
+        words only), SAM's dense prompt. text_states, optional: the row's prompt words
+        (B, L, D_llm) with text_mask (B, L) (True = a word), or their mean (B, D_llm): the mean
+        is a second sparse prompt; per-word states also feed LAVT's PWAM and the word slots.
         """
         self._check(seg_states, features, image, region_maps)
         B, K = seg_states.shape[:2]
@@ -237,9 +217,8 @@ class SegmentationPredictor(nn.Module):
             tokens = torch.cat([tokens, text], 2)  # (B*K, 1, 4, dim)
         if self.word_slots and text_states is not None and text_states.dim() == 3:
             tokens = torch.cat([tokens, self._word_slots(v, keep, K)], 2)  # (B*K, 1, 4+S, dim)
-        # + the position encoding in the image tokens themselves (SAM adds it to queries and
-        # keys only): values then carry *where*, so "the leftmost ..." and "left of ..." can be
-        # resolved by tokens that gather positions (isolated harness: superlatives 0.51 -> 0.61)
+        # + positions in the image tokens themselves (SAM: queries and keys only), so values
+        # carry *where* for "the leftmost ..." and "left of ..." (superlatives 0.51 -> 0.61)
         tokens, keys = self.transformer(tokens, img + dense + pe, pe, attention_similarity=None)
         keys, mask_tok = keys[:, 0], tokens[:, 0, 1]  # (B*K, h*w, dim), (B*K, dim)
         prior = torch.einsum("nd,npd->np", self.prior_q(mask_tok), self.prior_k(keys))
