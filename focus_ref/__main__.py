@@ -122,12 +122,14 @@ def cmd_understand(args) -> None:
 
 
 def cmd_edit(args) -> None:
+    from focus_ref.editing import EDITED
+
     region = region_from_args(args)
     out = load_model(args).edit(load_image(args.image), args.instruction,
                                 region=region or None)
     out.save(args.out)
-    reason = out.info.get("focus_reason", "edited")
-    print(f"wrote {args.out}" if reason == "edited" else
+    reason = out.info.get("focus_reason", EDITED)
+    print(f"wrote {args.out}" if reason == EDITED else
           f"wrote {args.out} unchanged: the model answered {reason!r}")
 
 

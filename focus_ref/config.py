@@ -231,8 +231,8 @@ class TrainConfig:
     #   0.71 -> 0.85); the whole main job (200 val): refseg cIoU 0.647 -> 0.741, gIoU 0.701 ->
     #   0.797, N / T-acc 0.93 / 0.943 -> 0.965 / 0.98, VQA 0.335 -> 0.319, generation 0.26 ->
     #   0.23; stage 0 +2 min. But 6000 (small shapes 0.85 -> 0.90) gave refseg 0.646, N / T
-    #   0.925 / 0.938, and 3000 with --seed 1 gave 0.628: single runs swing by ~0.1, so the
-    #   gain is not established (lab notes)
+    #   0.925 / 0.938, and 3000 with --seed 1 / 2 gave 0.628 / 0.709: single runs swing by
+    #   ~0.1, so the gain is not established (lab notes)
     stage0_seg: StageConfig = field(default_factory=lambda: StageConfig(  # (d) mask decoder
         steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885

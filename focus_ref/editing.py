@@ -50,7 +50,7 @@ from focus_ref.llm import BOI, EOI, IGNORE, cache_kwargs, kv_cache
 
 EDIT, EDIT_REGION = "<image> edit: {}", "<image> <region> edit: {}"
 GENERATE = "generate: {}"
-NO_OBJECT, NOT_AN_EDIT = "no such object", "not an edit instruction"
+EDITED, NO_OBJECT, NOT_AN_EDIT = "edited", "no such object", "not an edit instruction"
 SLOT = "<v0>"  # marks a semantic-code position; its embedding is replaced (SemanticHead.embed)
 PROMPT_RMS, POSITION_NORM = 0.05, 0.5  # the decoder's view of the prompt (context_states):
 # each embedding scaled to RMS 0.05 (length 0.8 at D = 256, a word's), plus an order code of length 0.5
@@ -164,7 +164,7 @@ def check_region(region) -> dict | None:
 class EditResult:
     image: np.ndarray  # uint8 (H, W, 3): the edit, or the input unchanged when refused
     mask: np.ndarray | None  # bool (H, W): the predicted edit region (None when refused)
-    reason: str  # "edited", or the model's answer ("no such object", ...) when refused
+    reason: str  # EDITED, or the model's answer ("no such object", ...) when refused
     codes: list | None = None  # the N generated semantic codes
 
 
@@ -272,7 +272,7 @@ def run_edits(model, images: torch.Tensor, instructions: list[str], regions=None
                                         codes[j].tolist())
             else:
                 results[i] = EditResult(tensor_to_image(edited[j]), pred[j].cpu().numpy(),
-                                        "edited", codes[j].tolist())
+                                        EDITED, codes[j].tolist())
     return results
 
 
@@ -332,7 +332,7 @@ def edit_quality(model, samples: list[dict], seed: int = 0, composite: bool = Tr
                 r.mask | e["region"]).sum()
             rec.append({"kind": e["kind"], "success": v["success"], "bg_psnr": min(
                 v["bg_psnr"], 100.0), "leak": float(leak), "iou": float(iou),
-                "refused": r.reason != "edited"})
+                "refused": r.reason != EDITED})
     mean = lambda key, rs: float(np.mean([r[key] for r in rs]))  # noqa: E731
     res = {k: mean(k, rec) for k in ("success", "bg_psnr", "leak", "iou", "refused")}
     for kind in sorted({r["kind"] for r in rec}):
@@ -374,7 +374,7 @@ def refusal_quality(model, samples: list[dict], batch_size: int = 16) -> dict:
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         x = torch.stack([image_to_tensor(s["image"]) for s, _ in chunk]).to(model.device)
-        hits += [r.reason != "edited" for r in run_edits(model, x, [t for _, t in chunk])]
+        hits += [r.reason != EDITED for r in run_edits(model, x, [t for _, t in chunk])]
     return {"refused": float(np.mean(hits)), "n": len(hits)}
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from focus_ref.config import FocusConfig
 from focus_ref.diffusion import DiffusionDecoder
-from focus_ref.editing import SemanticHead
+from focus_ref.editing import EDITED, SemanticHead
 from focus_ref.encoder import DualEncoder
 from focus_ref.llm import FocusLLM
 from focus_ref.segmentation import RegionPromptEncoder, SegmentationPredictor
@@ -178,7 +178,7 @@ class FocusModel(nn.Module):
             return res
         out = Image.fromarray(res.image)
         out.info["focus_reason"] = res.reason
-        if res.reason != "edited":
+        if res.reason != EDITED:
             warnings.warn(f"no edit made: the model answered {res.reason!r} to "
                           f"{instruction!r}; the image is returned unchanged", stacklevel=2)
         return out

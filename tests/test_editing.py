@@ -61,7 +61,7 @@ def test_edit_keeps_every_pixel_outside_the_predicted_mask(model, val, monkeypat
     mask[10:30, 20:40] = True
     force_edit(model, monkeypatch, mask)
     res = model.edit(s["image"], s["edit"]["instruction"], return_details=True)
-    assert res.reason == "edited" and res.mask is not None
+    assert res.reason == E.EDITED and res.mask is not None
     assert np.array_equal(res.image[~mask], s["image"][~mask])  # background kept exactly
     assert not np.array_equal(res.image[mask], s["image"][mask])  # something was rendered
     assert len(res.codes) == model.semantic_head.num_tokens
@@ -97,7 +97,7 @@ def test_refusal_returns_the_image_unchanged_with_the_reason(model, val, monkeyp
     with pytest.warns(UserWarning, match="no edit made"):
         out = model.edit(s["image"], E.absent_instruction(s))
     assert np.array_equal(np.asarray(out), s["image"])
-    assert out.info["focus_reason"] != "edited"
+    assert out.info["focus_reason"] != E.EDITED
 
 
 def test_generate_is_deterministic_under_a_seed(model):
