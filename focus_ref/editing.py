@@ -333,8 +333,13 @@ def edit_quality(model, samples: list[dict], seed: int = 0, composite: bool = Tr
             rec.append({"kind": e["kind"], "success": v["success"], "bg_psnr": min(
                 v["bg_psnr"], 100.0), "leak": float(leak), "iou": float(iou),
                 "refused": r.reason != EDITED})
+    return _by_kind(rec, ("success", "bg_psnr", "leak", "iou", "refused"))
+
+
+def _by_kind(rec: list[dict], keys: tuple) -> dict:
+    """Per-edit records {"kind", "success", ...} -> the mean of each key, success per kind, n."""
     mean = lambda key, rs: float(np.mean([r[key] for r in rs]))  # noqa: E731
-    res = {k: mean(k, rec) for k in ("success", "bg_psnr", "leak", "iou", "refused")}
+    res = {k: mean(k, rec) for k in keys}
     for kind in sorted({r["kind"] for r in rec}):
         res[f"success.{kind}"] = mean("success", [r for r in rec if r["kind"] == kind])
     return {**res, "n": len(rec)}
@@ -347,21 +352,21 @@ def edit_ceiling(model, samples: list[dict]) -> dict:
     inside the true region and judged by edit_quality's oracle; per edit kind. The tokenizer
     blurs an edge by about a pixel, and the oracle wants 90 % of the region's pixels right."""
     from focus_ref.data import image_to_tensor, tensor_to_image
+    from focus_ref.diffusion import composite
     from focus_ref.oracle import judge_edit
 
     tok, rec = model.visual_tokenizer.eval(), []
     for i in range(0, len(samples), 64):
         chunk = samples[i:i + 64]
-        goal = torch.stack([image_to_tensor(s["edit"]["target_image"]) for s in chunk])
-        out = tok.decode(tok.encode(goal.to(model.device))).clamp(-1, 1)  # (B, 3, H, W)
-        for s, im in zip(chunk, out):
-            e = s["edit"]
-            pasted = np.where(e["region"][..., None], tensor_to_image(im), s["image"])
-            rec.append((e["kind"], judge_edit(pasted, e)["success"]))
-    res = {"success": float(np.mean([ok for _, ok in rec])), "n": len(rec)}
-    for kind in sorted({k for k, _ in rec}):
-        res[f"success.{kind}"] = float(np.mean([ok for k, ok in rec if k == kind]))
-    return res
+        goal, source = (torch.stack([image_to_tensor(x) for x in imgs]).to(model.device)
+                        for imgs in ([s["edit"]["target_image"] for s in chunk],
+                                     [s["image"] for s in chunk]))  # (B, 3, H, W) each
+        out = tok.decode(tok.encode(goal)).clamp(-1, 1)  # (B, 3, H, W) what MoVQ hands back
+        region = np.stack([s["edit"]["region"] for s in chunk])  # (B, H, W)
+        for s, im in zip(chunk, composite(out, source, region)):  # the true region pasted
+            rec.append({"kind": s["edit"]["kind"],
+                        "success": judge_edit(tensor_to_image(im), s["edit"])["success"]})
+    return _by_kind(rec, ("success",))
 
 
 @torch.no_grad()
