@@ -355,12 +355,11 @@ def edit_ceiling(model, samples: list[dict]) -> dict:
     from focus_ref.diffusion import composite
     from focus_ref.oracle import judge_edit
 
-    tok, rec = model.visual_tokenizer.eval(), []
+    tok, rec, dev = model.visual_tokenizer.eval(), [], model.device
     for i in range(0, len(samples), 64):
         chunk = samples[i:i + 64]
-        goal, source = (torch.stack([image_to_tensor(x) for x in imgs]).to(model.device)
-                        for imgs in ([s["edit"]["target_image"] for s in chunk],
-                                     [s["image"] for s in chunk]))  # (B, 3, H, W) each
+        goal = torch.stack([image_to_tensor(s["edit"]["target_image"]) for s in chunk]).to(dev)
+        source = torch.stack([image_to_tensor(s["image"]) for s in chunk]).to(dev)  # (B, 3, H, W)
         out = tok.decode(tok.encode(goal)).clamp(-1, 1)  # (B, 3, H, W) what MoVQ hands back
         region = np.stack([s["edit"]["region"] for s in chunk])  # (B, H, W)
         for s, im in zip(chunk, composite(out, source, region)):  # the true region pasted
