@@ -158,7 +158,15 @@ class SegmentationConfig:
     #   0.25; about 5 more minutes of training (0.19 s a step of 32 masks)
     connected: tuple = ("click", "scribble")  # prompts whose masks keep only the parts joined
     #   to their points (interactive segmentation's usual clean-up; clicks 0.74 -> 0.76)
-
+    grounded_answers: bool = False  # UniPixel's mask-grounded answers (pretrain.grounded): a
+    #   question about named objects is answered "<seg><region> ... answer", one <seg> per
+    #   object it names, each followed by the region tokens of its predicted mask or, when
+    #   the predictor finds nothing, RegionPromptEncoder.empty. A main job with it (stage-3
+    #   mix refseg 0.4 / region 0.12 / what 0.12 / vqa 0.28, stage 0d 1200 steps, counts
+    #   grounded; 200 val scenes): VQA 0.32 -> 0.57 (colour 0.11 -> 0.88), refseg cIoU 0.74 ->
+    #   0.47. Stage 3 rerun from that run's stage-2 snapshot (50 dev scenes): the shipped
+    #   recipe refseg 0.50, VQA 0.37, "what" 0.17; grounded, counts in words: 0.55, 0.62,
+    #   0.86: the refseg drop came before stage 3. Off until a main job ships it (lab notes)
 
 @dataclass
 class DiffusionConfig:
@@ -235,6 +243,10 @@ class TrainConfig:
     #   ~0.1, so the gain is not established (lab notes)
     stage0_seg: StageConfig = field(default_factory=lambda: StageConfig(  # (d) mask decoder
         steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
+    #   at 600 the decoder's word-reading transition (Dice ~0.48 -> 0.15) fell early, late or
+    #   not at all in reruns from one stage-0c snapshot (last-150-step Dice 0.27-0.39; the
+    #   shipped run's 0.157); at 1200 the three runs tried got it (0.20 / 0.13 / 0.20), not yet
+    #   in the recipe: the one main job with it changed more (grounded_answers)
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
     #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
     stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading

@@ -373,7 +373,7 @@ def calibrate_presence(model, n: int = 300, progress: bool = True) -> dict[str, 
     from tqdm import tqdm
 
     from focus_ref.data import image_to_tensor
-    from focus_ref.pretrain import MAX_TARGETS, segment_once
+    from focus_ref.grounding import MAX_TARGETS, segment_once
     from focus_ref.shapesworld import ShapesWorld
 
     world, model = ShapesWorld(model.config.data, "dev"), model.eval()

@@ -121,7 +121,7 @@ class FocusModel(nn.Module):
         in pixels of the model's resolution (x = column); mask: bool H x W. Returns one mask
         per target (the LLM writes one `<seg>` each); an empty list means "no target".
         """
-        from focus_ref.pretrain import segment_masks
+        from focus_ref.grounding import segment_masks
 
         given = {k: v for k, v in dict(expression=expression, click=click, box=box,
                                        scribble=scribble, mask=mask).items() if v is not None}
@@ -140,7 +140,7 @@ class FocusModel(nn.Module):
         ({"click": (x, y)} | {"box": ...} | {"scribble": [...]} | {"mask": bool H x W}) the
         question is about that region, e.g. "what is this?" (UniPixel's region questions)."""
         from focus_ref.editing import check_region
-        from focus_ref.pretrain import answer
+        from focus_ref.grounding import answer
 
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question: ask something, e.g. 'how many circles are there?'")
@@ -164,7 +164,7 @@ class FocusModel(nn.Module):
         from PIL import Image
 
         from focus_ref.editing import check_instruction, check_region, run_edits, to_input
-        from focus_ref.pretrain import cleaned_up_by_segment
+        from focus_ref.grounding import cleaned_up_by_segment
 
         x = to_input(image, self.config.data.image_size).to(self.device)  # (1, 3, H, W)
         check_instruction(self.llm, instruction, self.config.edit.max_instruction_tokens)

@@ -1,5 +1,5 @@
 """Stage 3: multimodal pretraining with segmentation-aware alignment (FOCUS, arXiv 2506.16806,
-§3.5 stage 3, Fig. 2), and the inference behind `FocusModel.segment` / `understand`.
+§3.5 stage 3, Fig. 2). The inference behind `FocusModel.segment` / `understand`: grounding.py.
 
 What the paper says: after the adapters are warmed up (stage 2), the LLM is unfrozen and
 trained on a mix of understanding and grounding tasks at once, so that its hidden states carry
@@ -15,7 +15,9 @@ The task mix, one ShapesWorld sample -> one example (prompt -> answer):
     region   "<image> <region> segment this"          -> "<seg>"   (+ the prompt as SAM's
              dense prompt of the mask decoder)
     what     "<image> <region> what is this?"         -> "red circle"
-    vqa      "<image> how many circles are there?"    -> "2"
+    vqa      "<image> how many circles are there?"    -> "2"; with grounded_answers (UniPixel's
+             mask-grounded answers, `grounded`) "<seg><region><seg><region><seg><region> 2":
+             each circle's <seg> and its mask's region tokens, then a <seg> that finds nothing
     caption  "<image>"                                -> the caption (as stage 2)
     visual   "generate: <caption>"                    -> <boi> s_1 .. s_N <eoi>, the image's
              N semantic codes (the tokenizer's semantic branch; editing.SemanticHead)
@@ -45,8 +47,8 @@ import torch.nn.functional as F
 
 from focus_ref.config import FocusConfig
 from focus_ref.editing import GENERATE, SLOT
-from focus_ref.llm import IGNORE, SEG, next_token_loss
-from focus_ref.segmentation import PROMPT_KINDS, rasterize_prompt
+from focus_ref.llm import IGNORE, REGION, SEG, next_token_loss
+from focus_ref.segmentation import PROMPT_KINDS
 from focus_ref.train import Stage, _train_only, fit, pooled
 
 SEGMENT, SEGMENT_REGION = "<image> segment: {}", "<image> <region> segment this"
@@ -54,7 +56,14 @@ MAX_TARGETS = 8  # <seg>s one expression may get at inference
 QUESTION, REGION_QUESTION, CAPTION = "<image> {}", "<image> <region> {}", "<image>"
 WHAT = REGION_QUESTION.format("what is this?")  # UniPixel: a region, asked about without words
 TASK_SHARES = {"refseg": 0.6, "region": 0.15, "what": 0.05, "vqa": 0.12, "caption": 0.03,
-               "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation)
+               "visual": 0.05}  # the stage-3 task mix (shares of a batch, in expectation).
+#   "What is this?" gets ~750 rows and reads 0.11; 200 steps of 32 of its rows alone took it
+#   to 0.91 (lab notes). The grounded_answers run used refseg 0.4 / region 0.12 / what 0.12 /
+#   vqa 0.28 ("what" 0.11 -> 0.23)
+GROUNDED_COUNTS = False  # grounded_answers: a count as "<seg><region>" per match + a <seg> that
+#   finds nothing. Stage 3 from one stage-2 snapshot (50 dev scenes): with it refseg cIoU
+#   0.505, T-acc 0.85; counts in words 0.548, 0.93 (count 0.56 both): the last <seg>s, their
+#   words naming present objects, teach the decoder that those may get an empty mask
 PARTIAL_MASK = 0.0  # share of training mask prompts cut to a part of the object (a first guess
 #   to complete: what segment()'s second pass feeds back). 0 -> 0.5, held out: stages 0d + 3
 #   from one stage-2 checkpoint (100 scenes) refseg cIoU 0.627 -> 0.646, region mIoU 0.867 ->
@@ -84,11 +93,35 @@ def what_answer(obj) -> str:
     return f"{obj.color} {obj.shape}"
 
 
-def make_example(sample: dict, rng: np.random.Generator, task: str | None = None) -> dict:
-    """One stage-3 example of `task` (drawn from TASK_SHARES when None) from a sample."""
+def grounded(sample: dict, question: str, answer: str) -> dict:
+    """A mask-grounded answer (UniPixel's PixelQA): a "<seg><region>" for each object the
+    question is about, then the answer. Colour / shape: the object; "where": the object, then
+    the reference; existence: the first match, or one `<seg>` that finds nothing (presence 0,
+    its <region> = RegionPromptEncoder.empty) for "no"; a count: every match left to right, then
+    one that finds nothing (the count is the `<seg>`s before it: the predictor, which sees the
+    image, says when the objects run out). Teacher forcing fills each <region> with the tokens
+    of the object's true mask. Counts only with GROUNDED_COUNTS, else in words."""
+    from focus_ref.shapesworld import question_objects
+
+    ks, kind = question_objects(sample["scene"], question), question.split()[0]
+    if kind == "how" and not GROUNDED_COUNTS:
+        return {"prompt": QUESTION.format(question), "answer": answer}
+    masks = [sample["inst"] == k for k in ks] if kind == "where" else \
+        target_masks(sample["inst"], ks)[:1 if kind in ("what", "is") else None]
+    present = [True] * len(masks) + [False] * (kind == "how" or not masks)  # one per <seg>
+    empty = np.zeros_like(sample["inst"], dtype=bool)
+    return {"prompt": QUESTION.format(question), "masks": masks, "present": present,
+            "no_target": not masks, "found": masks + [empty] * (len(present) - len(masks)),
+            "answer": (SEG + REGION) * len(present) + " " + answer}
+
+
+def make_example(sample: dict, rng: np.random.Generator, task: str | None = None,
+                 grounded_answers: bool = False) -> dict:
+    """One stage-3 example of `task` (drawn from TASK_SHARES when None) from a sample;
+    `grounded_answers`: questions are answered through their objects' masks (`grounded`)."""
     if task is None:
         task = str(rng.choice(list(TASK_SHARES), p=list(TASK_SHARES.values())))
-    ex = {"task": task, "image": sample["image"], "region": None, "masks": []}
+    ex = {"task": task, "image": sample["image"], "region": None, "masks": [], "found": []}
     objs = [k for k in range(len(sample["prompts"])) if (sample["inst"] == k).any()]
     if task in ("region", "what") and objs:
         k, kind = objs[int(rng.integers(len(objs)))], PROMPT_KINDS[int(rng.integers(4))]
@@ -101,6 +134,8 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
                 "masks": [sample["inst"] == k] if task == "region" else []}
     if task == "vqa":
         q, a = sample["qa"][int(rng.integers(len(sample["qa"])))]
+        if grounded_answers:
+            return {**ex, **grounded(sample, q, a)}
         return {**ex, "prompt": QUESTION.format(q), "answer": a}
     if task == "caption":
         return {**ex, "prompt": CAPTION, "answer": sample["caption"]}
@@ -109,12 +144,14 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
     r = sample["refs"][int(rng.integers(len(sample["refs"])))]  # refseg (also the fallback)
     masks = target_masks(sample["inst"], r["targets"])
     return {**ex, "task": "refseg", "prompt": SEGMENT.format(r["text"]), "masks": masks,
-            "answer": SEG * max(len(masks), 1)}  # no target: one <seg>, presence 0 (GRES)
+            "answer": SEG * max(len(masks), 1),  # no target: one <seg>, presence 0 (GRES)
+            "no_target": not masks}
 
 
 def collate(examples: list[dict], model) -> dict:
     """Examples -> token ids and labels, images, region prompts and the flat list of target
-    masks, one per `<seg>` in reading order (the order of `FocusLLM.seg_hidden`)."""
+    masks, one per `<seg>` in reading order (the order of `FocusLLM.seg_hidden`); grounded
+    answers' masks (`found`, zeros: nothing) fill the <region>s of the answers, not predicted."""
     from focus_ref.data import image_to_tensor
 
     llm, head = model.llm, model.semantic_head
@@ -123,16 +160,22 @@ def collate(examples: list[dict], model) -> dict:
                         for x in examples])  # (B, T) ids, mask, labels
     reg = [x["region"] for x in examples if x["region"] is not None]
     maps, kinds = model.region_encoder.rasterize(reg) if reg else (None, None)
+    batch["labels"][batch["input_ids"] == llm.region_id] = IGNORE  # region tokens are given
     masks = [torch.from_numpy(m) for x in examples for m in x["masks"]]
+    present = [p for x in examples for p in x.get("present") or [bool(x["masks"])] * (
+        x["answer"] or "").count(SEG)]  # each <seg>: has a target (refseg: all, or none)
+    found = [(b, torch.from_numpy(m)) for b, x in enumerate(examples) for m in x.get("found", [])]
     H = examples[0]["image"].shape[0]
     return {**batch, "image": torch.stack([image_to_tensor(x["image"]) for x in examples]),
             "masks": torch.stack(masks) if masks else torch.zeros(0, H, H, dtype=torch.bool),
             "has_image": torch.tensor([x["task"] != "visual" for x in examples]),
             "visual": torch.tensor([x["task"] == "visual" for x in examples]),
-            "no_target": torch.tensor([x["task"] == "refseg" and not x["masks"]
-                                       for x in examples]),
+            "no_target": torch.tensor([x.get("no_target", False) for x in examples]),
+            "seg_present": torch.tensor(present, dtype=torch.bool),  # (S,) in reading order
             "region_rows": torch.tensor([x["region"] is not None for x in examples]),
-            "region_maps": maps, "region_kinds": kinds}  # (S, H, W) masks, (B,) flags
+            "region_maps": maps, "region_kinds": kinds,  # (S, H, W) masks, (B,) flags
+            "found_rows": torch.tensor([b for b, _ in found], dtype=torch.long),  # (F,)
+            "found_maps": torch.stack([m for _, m in found]) if found else None}  # (F, H, W)
 
 
 # ----- the loss ------------------------------------------------------------------------------
@@ -191,7 +234,7 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
     states, b = llm.seg_hidden(hidden, ids)  # (S, D), (S,) in row and reading order
     if len(b) == 0:
         return loss, logs
-    present = ~batch["no_target"].to(b.device)[b]  # (S,)
+    present = batch["seg_present"].to(b.device)  # (S,) False: this <seg> finds nothing
     words, keep, mean = word_prompts(llm, emb, batch)  # (B, L, D), (B, L), (B, D) the words
     seg, seg_logs = seg_loss(model, cfg, batch, out.features, states + mean[b], b, present,
                              words, keep)  # each <seg> state + what its expression names
@@ -200,11 +243,21 @@ def stage3_loss(model, batch: dict, cfg: FocusConfig) -> tuple[torch.Tensor, dic
 
 def input_embeddings(model, batch: dict, out) -> torch.Tensor:
     """The LLM's input: text embeddings with the image tokens of each image row (out: the
-    encoder's output for batch["image"]) and UniPixel-style region tokens spliced in, (B, T, D)."""
-    rows, region = batch["region_rows"], None
-    if rows.any():  # region tokens at <region>: (R, T_r, D)
-        region = model.region_encoder([f[rows] for f in out.features], batch["region_maps"],
-                                      batch["region_kinds"])
+    encoder's output for batch["image"]) and UniPixel-style region tokens spliced in, (B, T, D):
+    a prompt's region first, then a grounded answer's, row by row."""
+    rows, tokens, owner = batch["region_rows"], [], []
+    if rows.any():  # region tokens of the prompts' regions: (R, T_r, D)
+        tokens.append(model.region_encoder([f[rows] for f in out.features],
+                                           batch["region_maps"], batch["region_kinds"]))
+        owner.append(rows.nonzero()[:, 0])
+    if batch.get("found_maps") is not None:  # grounded answers' masks: (F, T_r, D)
+        f_rows = batch["found_rows"]
+        tokens.append(model.region_encoder.found([f[f_rows] for f in out.features],
+                                                 batch["found_maps"]))
+        owner.append(f_rows)
+    region = None
+    if tokens:  # in row order, a row's prompt region before its answer's (a stable sort)
+        region = torch.cat(tokens)[torch.argsort(torch.cat(owner), stable=True)]
     return model.llm.embed(batch["input_ids"], out.tokens[batch["has_image"]], region)
 
 
@@ -256,7 +309,8 @@ def stage3_multitask(model, cfg: FocusConfig) -> Stage:
     def batch_fn(step):
         rng = np.random.default_rng([cfg.train.seed, step, 3])
         idx = rng.choice(len(pool), size=sc.batch_size, replace=len(pool) < sc.batch_size)
-        return collate([make_example(pool[i], rng) for i in idx], model)
+        return collate([make_example(pool[i], rng, None, cfg.segmentation.grounded_answers)
+                        for i in idx], model)
 
     def loss_fn(batch):
         model.encoder.vit.eval()  # frozen parts stay in inference mode
@@ -273,107 +327,3 @@ def stage3_multitask(model, cfg: FocusConfig) -> Stage:
 
 def stage3(model, cfg: FocusConfig, out_dir, resume: bool = False, progress: bool = True):
     return fit(model, stage3_multitask(model, cfg), out_dir, resume, progress)
-
-
-# ----- inference: segment and understand ---------------------------------------------------
-@torch.no_grad()
-def segment_masks(model, image: torch.Tensor, expression: str | None = None,
-                  region: tuple | None = None, max_targets: int = MAX_TARGETS) -> torch.Tensor:
-    """image (1, 3, H, W) in [-1, 1] + words or a (kind, value) region prompt -> boolean
-    masks (K, H, W), one per `<seg>` the LLM writes whose presence score says "there";
-    K = 0 is the "no target" answer. A prompt kind listed n times in segmentation.refine
-    ("expression" for words) gets n more passes, each feeding the last mask back as a mask
-    prompt (SAM's interactive loop): a click marks a point, words a guess; the first mask
-    marks the object, and its region tokens say what it looks like. A box bounds its object,
-    so with segmentation.clip_box nothing outside the box is kept."""
-    out = model.encoder(image)  # tokens (1, N, D), features: encoded once for every pass
-    masks, _ = segment_once(model, image, out, expression, region, max_targets)  # (K, H, W)
-    kind, sc = "expression" if region is None else region[0], model.config.segmentation
-    passes = sc.refine.count(kind)
-    for k in range(len(masks)):
-        for _ in range(passes):  # SAM's iterative refinement
-            again, _ = segment_once(model, image, out, None, ("mask", masks[k].cpu().numpy()), 1)
-            masks[k] = again[0] if len(again) else masks[k]  # an empty answer keeps the last
-            if kind in sc.connected:  # the prompt's points lie on the object: what joins them
-                masks[k] = connected_part(masks[k], region)
-        if kind in sc.connected and not passes:
-            masks[k] = connected_part(masks[k], region)
-    if kind == "box" and sc.clip_box and len(masks):  # the box prompt bounds the object
-        masks &= rasterize_prompt("box", region[1], masks.shape[-1]).bool().to(masks.device)
-    return masks
-
-
-def cleaned_up_by_segment(kind: str, sc) -> bool:
-    """Whether segment_masks changes a `kind` prompt's first mask (refinement passes, the
-    connectivity clean-up, the box clip), so that an edit by that prompt should use it."""
-    return kind in sc.refine or kind in sc.connected or (kind == "box" and sc.clip_box)
-
-
-def connected_part(mask: torch.Tensor, region: tuple) -> torch.Tensor:
-    """What of a (H, W) mask joins a click's or scribble's points (all of it if nothing does)."""
-    part = connected_to(mask, [region[1]] if region[0] == "click" else region[1])
-    return part if part.any() else mask
-
-
-def connected_to(mask: torch.Tensor, points: list) -> torch.Tensor:
-    """The parts of a boolean (H, W) mask 8-connected to any of the (x, y) points: a flood
-    fill by repeated 3 x 3 dilation inside the mask."""
-    seed = torch.zeros_like(mask)
-    for x, y in points:
-        seed[y, x] = mask[y, x]
-    while True:
-        grown = F.max_pool2d(seed[None, None].float(), 3, 1, 1)[0, 0].bool() & mask  # (H, W)
-        if torch.equal(grown, seed):
-            return seed
-        seed = grown
-
-
-def region_inputs(model, image, out, region):
-    """A (kind, value) region prompt -> its map (1, H, W), the decoder's dense prompt, and
-    its region tokens (1, R, D) for the LLM (UniPixel); (None, None) without one."""
-    if region is None:
-        return None, None
-    maps, kinds = model.region_encoder.rasterize([region], image.shape[-1])
-    maps = maps.to(image)  # (1, H, W)
-    return maps, model.region_encoder(out.features, maps, kinds.to(image.device))
-
-
-def segment_once(model, image, out, expression, region, max_targets, threshold=None):
-    """One pass: the LLM writes its <seg>s, the predictor their masks; a <seg> whose presence
-    logit is not above `threshold` (default: the config's) gives none. Returns the kept masks
-    (K', H, W) and their presence logits (K',)."""
-    llm = model.llm
-    rmaps, rtok = region_inputs(model, image, out, region)  # (1, H, W), (1, R, D) or None
-    prompt = SEGMENT_REGION if region is not None else SEGMENT.format(expression)
-    batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
-    gen = llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
-                       max_new_tokens=max_targets + 1, stop_after=(llm.seg_id, max_targets))
-    pos = [t for t, i in enumerate(gen["ids"][0]) if i == llm.seg_id][:max_targets]
-    if not pos:  # the LLM answered in words: "no target"
-        none = torch.zeros(0, *image.shape[-2:], dtype=torch.bool, device=image.device)
-        return none, torch.zeros(0, device=image.device)
-    states = gen["hidden"][:, pos]  # (1, K, D): the state that wrote each <seg> (LISA)
-    maps = None if rmaps is None else rmaps[:, None].expand(1, len(pos), -1, -1)  # (1, K, H, W)
-    batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)  # the prompt only
-    words, keep, mean = word_prompts(llm, llm.embed(batch["input_ids"], out.tokens, rtok),
-                                     batch)  # (1, L, D), (1, L), (1, D)
-    states = states + mean[:, None]  # (1, K, D) as in training
-    logits, presence = model.segmentation(states, out.features, image, maps, text_states=words,
-                                          text_mask=keep)  # (1, K, H, W), (1, K)
-    thr = model.config.segmentation.presence_threshold if threshold is None else threshold
-    masks = model.segmentation.to_masks(logits, presence, thr)[0]  # (K, H, W)
-    keep = masks.flatten(1).any(1)  # drop empty answers
-    return masks[keep], presence[0, keep]  # (K', H, W), (K',)
-
-
-@torch.no_grad()
-def answer(model, image: torch.Tensor, question: str, region: tuple | None = None,
-           max_new_tokens: int = 24) -> str:
-    """image (1, 3, H, W) + a question [+ a (kind, value) region prompt the question is
-    about, as region tokens after the image's] -> the LLM's greedy answer."""
-    llm, out = model.llm, model.encoder(image)
-    rtok = region_inputs(model, image, out, region)[1]  # "what is this?" about a click ...
-    prompt = (QUESTION if region is None else REGION_QUESTION).format(question)
-    batch = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
-    return llm.generate(batch, image_tokens=out.tokens, region_tokens=rtok,
-                        max_new_tokens=max_new_tokens)["texts"][0]

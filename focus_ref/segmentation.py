@@ -351,6 +351,8 @@ class RegionPromptEncoder(nn.Module):
                                  nn.Linear(s.dim, s.num_region_tokens * h))
         self.kind = nn.Embedding(len(PROMPT_KINDS), h)  # a learned embedding per prompt kind
         self.token = nn.Embedding(s.num_region_tokens, h)  # which of the T tokens this is
+        self.empty = nn.Parameter(torch.zeros(s.num_region_tokens, h)) if s.grounded_answers \
+            else None  # grounded answers: what a <seg> that found nothing becomes
 
     def rasterize(self, prompts: list[tuple[str, object]], size: int | None = None):
         """[(kind, value), ...] -> maps (B, H, W) and kind ids (B,), checking every prompt."""
@@ -384,6 +386,18 @@ class RegionPromptEncoder(nn.Module):
         tokens = self.mix(torch.cat([what, where, shape], 1))  # (B, T * D_llm)
         tokens = tokens.view(B, self.num_tokens, self.hidden)  # (B, T, D_llm)
         return tokens + self.kind(kinds.to(m.device))[:, None] + self.token.weight  # (B, T, D_llm)
+
+
+    def found(self, features: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """Mask-grounded answers (UniPixel): the masks (K, H, W) K `<seg>`s found, over their
+        rows' features [(K, C_i, H_i, W_i)] -> region tokens (K, T, D_llm); an empty mask (the
+        predictor found nothing) -> the learned `empty` tokens."""
+        hit = masks.flatten(1).any(1)  # (K,)
+        out = self.empty.to(features[0].dtype).expand(len(masks), -1, -1).clone()  # (K, T, D)
+        if hit.any():
+            kinds = torch.full((int(hit.sum()),), PROMPT_KINDS.index("mask"), device=hit.device)
+            out[hit] = self([f[hit] for f in features], masks[hit].float(), kinds)
+        return out  # (K, T, D_llm)
 
 
 # ----- losses ----------------------------------------------------------------------------

@@ -284,6 +284,27 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     return qa
 
 
+def question_objects(scene: Scene, question: str) -> list[int]:
+    """The objects a `questions()` question names, in the order it names them: "where" the
+    object asked about, then the reference; a count or existence question every object that
+    matches (none for an absent one). A question's words are its phrases' attributes."""
+    words = question.rstrip("?").split()
+
+    def named(ws):
+        attrs = {}
+        for w in ws:
+            if w in COLORS or w in SIZES:
+                attrs["color" if w in COLORS else "size"] = w
+            elif w in SHAPES or w[:-1] in SHAPES:  # "circle" or "circles"
+                attrs["shape"] = w if w in SHAPES else w[:-1]
+        return [k for k, o in enumerate(scene.objects) if matches(o, attrs)]
+
+    if words[0] == "where":  # where is the <a> relative to the <b>
+        i = words.index("relative")
+        return named(words[3:i]) + named(words[i + 3:])
+    return named(words)
+
+
 # ----- region prompts --------------------------------------------------------------------
 def region_prompts(mask: np.ndarray, rng: np.random.Generator) -> dict:
     """Click, box, scribble and mask prompts for one object's visible mask."""

@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from focus_ref import pretrain
+from focus_ref import grounding, pretrain
 from focus_ref.__main__ import main
 from focus_ref.config import FocusConfig
 from focus_ref.llm import SEG
 from focus_ref.model import FocusModel
 from focus_ref.segmentation import PROMPT_KINDS
-from focus_ref.shapesworld import ShapesWorld
+from focus_ref.shapesworld import COLORS, SHAPES, ShapesWorld, question_objects
 
 CFG = FocusConfig.tiny()
 H = CFG.data.image_size
@@ -94,6 +94,95 @@ def test_several_targets_get_one_seg_each_left_to_right_and_none_one_absent_seg(
     s = {**sample, "refs": [refs["none"]]}
     ex = pretrain.make_example(s, np.random.default_rng(0), "refseg")
     assert ex["answer"] == SEG and ex["masks"] == []  # one <seg>; its presence label is 0
+
+
+@pytest.fixture(scope="module")
+def grounded_model():
+    """A random tiny FocusModel that answers questions through their objects' masks."""
+    cfg = FocusConfig.tiny()
+    cfg.segmentation.grounded_answers = True
+    torch.manual_seed(0)
+    return FocusModel(cfg).eval()
+
+
+def test_grounded_answers_segment_each_named_object_then_answer(grounded_model, sample,
+                                                                monkeypatch):
+    """UniPixel's mask-grounded answers: "<seg><region>" per object the question names, the
+    true masks fill the <region>s (given, never predicted), then the answer; a count goes on to
+    one <seg> that finds nothing (the predictor says when the objects run out), as does an
+    absent object's one <seg>; such a <seg> is trained to say "empty" and its <region> is the
+    learned `empty` tokens. Off (the shipped recipe), a question is answered in words alone."""
+    m, rng = grounded_model, np.random.default_rng(0)
+    qa = dict(sample["qa"])
+    count = next(q for q in qa if q.startswith("how many"))
+    plain = pretrain.make_example({**sample, "qa": [(count, qa[count])]}, rng, "vqa")
+    assert plain["answer"] == qa[count] and plain["masks"] == [] and plain["found"] == []
+    assert pretrain.make_example({**sample, "qa": [(count, qa[count])]}, rng, "vqa",
+                                 True)["answer"] == qa[count]  # counts in words by default
+    where = next(q for q in qa if q.startswith("where"))  # the object, then the reference
+    ex = pretrain.make_example({**sample, "qa": [(where, qa[where])]}, rng, "vqa", True)
+    named = [sample["inst"] == k for k in question_objects(sample["scene"], where)]
+    assert ex["answer"] == "<seg><region><seg><region> " + qa[where]
+    assert ex["present"] == [True, True]
+    assert all(np.array_equal(a, b) for a, b in zip(ex["masks"], named, strict=True))
+    monkeypatch.setattr(pretrain, "GROUNDED_COUNTS", True)
+    absent = next(f"is there a {c} {s}?" for c in COLORS for s in SHAPES if not any(
+        o.color == c and o.shape == s for o in sample["scene"].objects))
+    exs = [pretrain.make_example({**sample, "qa": [(q, a)]}, rng, "vqa", grounded_answers=True)
+           for q, a in [(count, qa[count]), (absent, "no")]]
+    n = int(qa[count])
+    assert exs[0]["answer"] == "<seg><region>" * (n + 1) + " " + qa[count]
+    assert len(exs[0]["masks"]) == n and exs[0]["present"] == [True] * n + [False]
+    assert exs[1]["answer"] == "<seg><region> no" and exs[1]["present"] == [False]
+    batch = pretrain.collate(exs, m)
+    assert batch["seg_present"].tolist() == [True] * n + [False, False]
+    region = batch["input_ids"] == m.llm.region_id
+    assert (batch["labels"][region] == pretrain.IGNORE).all()  # region tokens are inputs only
+    assert batch["found_rows"].tolist() == [0] * (n + 1) + [1]
+    assert not batch["found_maps"][n:].any()  # the <seg>s that find nothing
+    for k, f in enumerate(exs[0]["masks"]):
+        assert torch.equal(batch["found_maps"][k], torch.from_numpy(f))
+    out = m.encoder(batch["image"])
+    emb = pretrain.input_embeddings(m, batch, out)  # (B, T, D)
+    R = m.llm.num_region_tokens
+    assert torch.allclose(emb[1][region[1]], m.region_encoder.empty)  # nothing found
+    assert torch.allclose(emb[0][region[0]][-R:], m.region_encoder.empty)
+    assert not torch.allclose(emb[0][region[0]][:R], emb[0][region[0]][R:2 * R])  # two objects
+    m.requires_grad_(True)
+    loss, _ = pretrain.stage3_loss(m, batch, m.config)
+    loss.backward()
+    assert m.region_encoder.empty.grad.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    m.requires_grad_(False)
+
+
+def test_a_grounded_answer_reads_the_mask_each_seg_found(grounded_model, sample, monkeypatch):
+    """At inference the LLM writes <seg>, the predictor segments it, the mask's region tokens
+    (or `empty` when nothing is found) follow it, and the LLM answers after reading them."""
+    m, llm, calls = grounded_model, grounded_model.llm, []
+    real = llm.generate
+
+    def fake(batch, region_tokens=None, **kw):
+        out = real(batch, region_tokens=region_tokens, **kw)
+        calls.append(region_tokens)
+        seg = len(calls) <= 2  # two <seg>s, then the answer in words
+        ids = [llm.seg_id] if seg else llm.tokenizer("left")["input_ids"]
+        return {"ids": [ids], "texts": ["<seg>" if seg else "left"], "hidden": out["hidden"]}
+
+    monkeypatch.setattr(llm, "generate", fake)
+    bias = m.segmentation.presence_head.proj_out.bias
+    for shift, empty in ((20.0, False), (-40.0, True)):  # presence: "there", then "empty"
+        calls.clear()
+        with torch.no_grad():
+            bias += shift
+        assert m.understand(sample["image"], "where is the circle relative to the square?") \
+            == "left"
+        assert calls[0] is None and calls[1].shape == (1, m.llm.num_region_tokens,
+                                                         m.config.llm.hidden_size)
+        assert calls[2].shape[0] == 2  # both <seg>s' tokens, in order
+        assert torch.allclose(calls[2][1], m.region_encoder.empty) == empty
+    with torch.no_grad():
+        bias += 20
 
 
 def test_a_no_target_seg_is_trained_to_say_empty(model, sample, seg_targets):
@@ -294,7 +383,7 @@ def test_a_box_prompt_keeps_only_the_mask_inside_the_box(model, sample, monkeypa
     """segmentation.clip_box: the box bounds its object, so pixels outside it are dropped."""
     H = model.config.data.image_size
     full = torch.ones(1, H, H, dtype=torch.bool)  # a decoder that spills everywhere
-    monkeypatch.setattr(pretrain, "segment_once", lambda *a, **k: (full.clone(), torch.ones(1)))
+    monkeypatch.setattr(grounding, "segment_once", lambda *a, **k: (full.clone(), torch.ones(1)))
     sc = model.config.segmentation
     inside = np.zeros((H, H), bool)
     inside[10:21, 5:31] = True  # rows y0..y1, columns x0..x1, both ends inclusive
@@ -310,10 +399,10 @@ def test_a_box_prompt_keeps_only_the_mask_inside_the_box(model, sample, monkeypa
 def test_connected_to_keeps_the_parts_joined_to_the_points():
     m = torch.zeros(8, 8, dtype=torch.bool)
     m[0:2, 0:2] = m[2, 2] = m[5:7, 5:7] = True  # a blob, a pixel joined diagonally, a blob
-    got = pretrain.connected_to(m, [(0, 0)])
+    got = grounding.connected_to(m, [(0, 0)])
     assert got[0:2, 0:2].all() and got[2, 2] and not got[5:7, 5:7].any()
-    assert not pretrain.connected_to(m, [(4, 4)]).any()  # a point off the mask
-    assert torch.equal(pretrain.connected_to(m, [(0, 0), (6, 6)]), m)
+    assert not grounding.connected_to(m, [(4, 4)]).any()  # a point off the mask
+    assert torch.equal(grounding.connected_to(m, [(0, 0), (6, 6)]), m)
 
 
 @pytest.mark.parametrize("kind", ["click", "scribble"])

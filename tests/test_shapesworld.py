@@ -6,8 +6,8 @@ import pytest
 from focus_ref import oracle
 from focus_ref.config import DataConfig
 from focus_ref.shapesworld import (COLORS, MIN_VISIBLE, SHAPES, Obj, Scene, ShapesWorld,
-                                   matches, pixel_centres, radius, render, sample_scene,
-                                   shape_mask, visible_fractions)
+                                   matches, pixel_centres, question_objects, radius, render,
+                                   sample_scene, shape_mask, visible_fractions)
 
 N = 40  # scenes checked per property
 
@@ -103,6 +103,32 @@ def test_caption_and_questions_are_true(samples):
                 kinds.add("where")
                 assert a in ("left", "right", "above", "below")
         assert "count" in kinds and "exist" in kinds
+
+
+def test_question_objects_are_the_objects_each_question_names(samples):
+    """What a grounded answer segments: a count's objects number the answer, an existence
+    question finds objects iff the answer is yes, a colour / shape question names the one object
+    whose colour / shape is the answer, a "where" question the object asked about then the
+    reference, placed as the answer says."""
+    seen = set()
+    for s in samples:
+        objs = s["scene"].objects
+        for q, a in s["qa"]:
+            ks = question_objects(s["scene"], q)
+            kind = q.split()[0] + " " + q.split()[1]
+            seen.add(kind)
+            if kind == "how many":
+                assert len(ks) == int(a), (q, a, ks)
+            elif kind == "is there":
+                assert bool(ks) == (a == "yes"), (q, a, ks)
+            elif kind in ("what color", "what shape"):
+                assert len(ks) == 1 and getattr(objs[ks[0]], kind.split()[1]) == a, (q, a)
+            else:
+                (o, ref) = [objs[k] for k in ks]  # exactly two, in the order named
+                dx, dy = o.x - ref.x, o.y - ref.y
+                assert a == (("left" if dx < 0 else "right") if abs(dx) > abs(dy) else
+                             ("above" if dy < 0 else "below")), (q, a)
+    assert seen == {"how many", "is there", "what color", "what shape", "where is"}
 
 
 def test_referring_expressions(samples):
