@@ -16,8 +16,8 @@ The task mix, one ShapesWorld sample -> one example (prompt -> answer):
              dense prompt of the mask decoder)
     what     "<image> <region> what is this?"         -> "red circle"
     vqa      "<image> how many circles are there?"    -> "2"; with grounded_answers (UniPixel's
-             mask-grounded answers, `grounded`) "<seg><region><seg><region><seg><region> 2":
-             each circle's <seg> and its mask's region tokens, then a <seg> that finds nothing
+             mask-grounded answers, `grounded`) "<image> what color is the square?" ->
+             "<seg><region> red": the square's <seg>, then its mask's region tokens
     caption  "<image>"                                -> the caption (as stage 2)
     visual   "generate: <caption>"                    -> <boi> s_1 .. s_N <eoi>, the image's
              N semantic codes (the tokenizer's semantic branch; editing.SemanticHead)
