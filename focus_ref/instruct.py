@@ -163,7 +163,7 @@ def stage4_edit(model: nn.Module, cfg, parts: list | None = None, name: str = "s
     from focus_ref.shapesworld import ShapesWorld
 
     sc, world = cfg.train.stage4, ShapesWorld(cfg.data, "train")
-    grounded_answers = cfg.segmentation.grounded_answers
+    grounded = cfg.segmentation.grounded_answers
 
     def batch_fn(step):
         rng = np.random.default_rng([cfg.train.seed, step, 4])
@@ -173,7 +173,7 @@ def stage4_edit(model: nn.Module, cfg, parts: list | None = None, name: str = "s
         if n:  # stage-3 examples from the stage-3 scene range (rehearsal against forgetting)
             scenes = rng.integers(cfg.train.stage3_scenes, size=n)
             batch["rehearsal"] = pretrain.collate(
-                [pretrain.make_example(world.sample(int(i)), rng, None, grounded_answers)
+                [pretrain.make_example(world.sample(int(i)), rng, grounded_answers=grounded)
                  for i in scenes], model)
         return batch
 

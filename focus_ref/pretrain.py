@@ -111,7 +111,7 @@ def grounded(sample: dict, question: str, answer: str) -> dict:
     present = [True] * len(masks) + [False] * (kind == "how" or not masks)  # one per <seg>
     empty = np.zeros_like(sample["inst"], dtype=bool)
     return {"prompt": QUESTION.format(question), "masks": masks, "present": present,
-            "no_target": not masks, "found": masks + [empty] * (len(present) - len(masks)),
+            "found": masks + [empty] * (len(present) - len(masks)),
             "answer": (SEG + REGION) * len(present) + " " + answer}
 
 
@@ -121,7 +121,8 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
     `grounded_answers`: questions are answered through their objects' masks (`grounded`)."""
     if task is None:
         task = str(rng.choice(list(TASK_SHARES), p=list(TASK_SHARES.values())))
-    ex = {"task": task, "image": sample["image"], "region": None, "masks": [], "found": []}
+    ex = {"task": task, "image": sample["image"], "region": None, "masks": [], "found": [],
+          "present": []}  # present: one flag per <seg> of the answer, False = finds nothing
     objs = [k for k in range(len(sample["prompts"])) if (sample["inst"] == k).any()]
     if task in ("region", "what") and objs:
         k, kind = objs[int(rng.integers(len(objs)))], PROMPT_KINDS[int(rng.integers(4))]
@@ -131,7 +132,8 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
         return {**ex, "region": (kind, value),
                 "prompt": SEGMENT_REGION if task == "region" else WHAT,
                 "answer": SEG if task == "region" else what_answer(o),
-                "masks": [sample["inst"] == k] if task == "region" else []}
+                "masks": [sample["inst"] == k] if task == "region" else [],
+                "present": [True] if task == "region" else []}
     if task == "vqa":
         q, a = sample["qa"][int(rng.integers(len(sample["qa"])))]
         if grounded_answers:
@@ -145,7 +147,7 @@ def make_example(sample: dict, rng: np.random.Generator, task: str | None = None
     masks = target_masks(sample["inst"], r["targets"])
     return {**ex, "task": "refseg", "prompt": SEGMENT.format(r["text"]), "masks": masks,
             "answer": SEG * max(len(masks), 1),  # no target: one <seg>, presence 0 (GRES)
-            "no_target": not masks}
+            "present": [True] * len(masks) or [False]}
 
 
 def collate(examples: list[dict], model) -> dict:
@@ -162,16 +164,16 @@ def collate(examples: list[dict], model) -> dict:
     maps, kinds = model.region_encoder.rasterize(reg) if reg else (None, None)
     batch["labels"][batch["input_ids"] == llm.region_id] = IGNORE  # region tokens are given
     masks = [torch.from_numpy(m) for x in examples for m in x["masks"]]
-    present = [p for x in examples for p in x.get("present") or [bool(x["masks"])] * (
-        x["answer"] or "").count(SEG)]  # each <seg>: has a target (refseg: all, or none)
     found = [(b, torch.from_numpy(m)) for b, x in enumerate(examples) for m in x.get("found", [])]
     H = examples[0]["image"].shape[0]
     return {**batch, "image": torch.stack([image_to_tensor(x["image"]) for x in examples]),
             "masks": torch.stack(masks) if masks else torch.zeros(0, H, H, dtype=torch.bool),
             "has_image": torch.tensor([x["task"] != "visual" for x in examples]),
             "visual": torch.tensor([x["task"] == "visual" for x in examples]),
-            "no_target": torch.tensor([x.get("no_target", False) for x in examples]),
-            "seg_present": torch.tensor(present, dtype=torch.bool),  # (S,) in reading order
+            "no_target": torch.tensor([bool(x["present"]) and not any(x["present"])
+                                       for x in examples]),  # (B,) its <seg>s find nothing
+            "seg_present": torch.tensor([p for x in examples for p in x["present"]],
+                                        dtype=torch.bool),  # (S,) in reading order
             "region_rows": torch.tensor([x["region"] is not None for x in examples]),
             "region_maps": maps, "region_kinds": kinds,  # (S, H, W) masks, (B,) flags
             "found_rows": torch.tensor([b for b, _ in found], dtype=torch.long),  # (F,)
@@ -305,12 +307,13 @@ def stage3_multitask(model, cfg: FocusConfig) -> Stage:
     and semantic head train; batches come from a pool of rendered train scenes, a function of
     (seed, step) only, so a resumed run repeats them."""
     sc, pool = cfg.train.stage3, sample_pool(cfg, "train", cfg.train.stage3_scenes)
+    grounded = cfg.segmentation.grounded_answers
 
     def batch_fn(step):
         rng = np.random.default_rng([cfg.train.seed, step, 3])
         idx = rng.choice(len(pool), size=sc.batch_size, replace=len(pool) < sc.batch_size)
-        return collate([make_example(pool[i], rng, None, cfg.segmentation.grounded_answers)
-                        for i in idx], model)
+        return collate([make_example(pool[i], rng, grounded_answers=grounded) for i in idx],
+                       model)
 
     def loss_fn(batch):
         model.encoder.vit.eval()  # frozen parts stay in inference mode

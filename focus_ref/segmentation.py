@@ -387,7 +387,6 @@ class RegionPromptEncoder(nn.Module):
         tokens = tokens.view(B, self.num_tokens, self.hidden)  # (B, T, D_llm)
         return tokens + self.kind(kinds.to(m.device))[:, None] + self.token.weight  # (B, T, D_llm)
 
-
     def found(self, features: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
         """Mask-grounded answers (UniPixel): the masks (K, H, W) K `<seg>`s found, over their
         rows' features [(K, C_i, H_i, W_i)] -> region tokens (K, T, D_llm); an empty mask (the
