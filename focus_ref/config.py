@@ -166,7 +166,10 @@ class SegmentationConfig:
     #   grounded; 200 val scenes): VQA 0.32 -> 0.57 (colour 0.11 -> 0.88), refseg cIoU 0.74 ->
     #   0.47. Stage 3 rerun from that run's stage-2 snapshot (50 dev scenes): the shipped
     #   recipe refseg 0.50, VQA 0.37, "what" 0.17; grounded, counts in words: 0.55, 0.62,
-    #   0.86: the refseg drop came before stage 3. Off until a main job ships it (lab notes)
+    #   0.86: the refseg drop came before stage 3. Again from another run's stage-2 weights
+    #   (session 29): refseg 0.467 (shipped recipe) vs 0.450, VQA 0.38 vs 0.55, "what" 0.05 vs
+    #   0.57; that main job: VQA 0.56, "what" 0.84, refseg 0.43 (its stage 0d never learned to
+    #   read words on that machine). Off until a main job ships it (lab notes)
 
 @dataclass
 class DiffusionConfig:

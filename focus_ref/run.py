@@ -149,6 +149,15 @@ def _flat_histories(histories: dict) -> dict[str, list]:
     return flat
 
 
+def machine() -> str:
+    """What a run's numbers depend on beyond the seed: torch, its CPU kernels, threads."""
+    import platform
+
+    return (f"torch {torch.__version__}, {platform.machine()} "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels, "
+            f"{torch.get_num_threads()} threads")
+
+
 def write_report(model, metrics: dict, histories: dict, out: Path) -> None:
     """report.md: the metric table, loss curves, and example masks and edits (held-out)."""
     import matplotlib.pyplot as plt
@@ -180,6 +189,8 @@ def write_report(model, metrics: dict, histories: dict, out: Path) -> None:
     (out / "report.md").write_text(
         f"# focus_ref run: preset `{model.config.preset}`\n\n"
         f"Held-out ShapesWorld (split `val`), seed {model.config.train.seed}.\n\n"
+        f"Machine: {machine()}. Training is deterministic for one seed on one such machine; "
+        "another CPU's kernels round differently and the runs drift apart (lab notes).\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         "## Training curves\n\n![loss](figures/loss.png)\n\n"
         "## Held-out edits (predicted edit region, result)\n\n![examples](figures/examples.png)\n")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from focus_ref.__main__ import main
 from focus_ref.evaluate import calibrate_presence
@@ -36,7 +37,8 @@ def test_quick_main_job_writes_a_complete_run_folder(tmp_path):
     final = FocusModel.from_pretrained(out / "final")
     chosen = final.config.segmentation.presence_threshold
     assert calibrate_presence(final, n=4, progress=False)["threshold"] == chosen
-    assert "| `edit.success` |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| `edit.success` |" in report and f"torch {torch.__version__}" in report
     # an existing run is never overwritten without --resume: one line, exit status 2
     assert main(["train", "--out", str(out), "--quick"]) == 2
 
