@@ -251,7 +251,7 @@ class TrainConfig:
     #   shipped run's 0.157); at 1200 the three runs tried got it (0.20 / 0.13 / 0.20), not yet
     #   in the recipe: the one main job with it changed more (grounded_answers). Shipped-recipe
     #   stage 3 after it, batch seeds 0 / 1 / 2 (50 dev): refseg 0.50 / 0.53 / 0.49; after a
-    #   600-step 0d that missed the transition: 0.47 / 0.23 (lab notes, session 29)
+    #   600-step 0d that missed the transition: 0.47 / 0.23 / 0.26 (lab notes, session 29)
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
     #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
     stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading
