@@ -143,9 +143,8 @@ def grounded_answer(model, image, out, prompt, batch, max_new_tokens):
     """UniPixel's mask-grounded answer: while the LLM opens its answer with `<seg>`, the
     predictor segments what that `<seg>` means, its mask becomes region tokens (or `empty`)
     after it, and the LLM goes on reading them; its first words are the answer."""
-    llm, found = model.llm, []  # region tokens of each <seg> so far: [(1, T_r, D)]
+    llm, found, ids = model.llm, [], batch  # region tokens of each <seg> so far: [(1, T_r, D)]
     for _ in range(MAX_TARGETS + 1):
-        ids = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
         gen = llm.generate(ids, image_tokens=out.tokens,
                            region_tokens=torch.cat(found) if found else None,
                            max_new_tokens=max_new_tokens, stop_after=(llm.seg_id, 1))
@@ -154,4 +153,5 @@ def grounded_answer(model, image, out, prompt, batch, max_new_tokens):
         mask, _ = seg_predict(model, image, out, batch, None, gen["hidden"][:, :1])  # (1, H, W)
         found.append(model.region_encoder.found(out.features, mask))  # (1, T_r, D)
         prompt += SEG + REGION  # the <seg> it wrote, then what it found
+        ids = {k: v.to(image.device) for k, v in llm.encode([prompt], padding_side="left").items()}
     return ""

@@ -164,7 +164,7 @@ def collate(examples: list[dict], model) -> dict:
     maps, kinds = model.region_encoder.rasterize(reg) if reg else (None, None)
     batch["labels"][batch["input_ids"] == llm.region_id] = IGNORE  # region tokens are given
     masks = [torch.from_numpy(m) for x in examples for m in x["masks"]]
-    found = [(b, torch.from_numpy(m)) for b, x in enumerate(examples) for m in x.get("found", [])]
+    found = [(b, torch.from_numpy(m)) for b, x in enumerate(examples) for m in x["found"]]
     H = examples[0]["image"].shape[0]
     return {**batch, "image": torch.stack([image_to_tensor(x["image"]) for x in examples]),
             "masks": torch.stack(masks) if masks else torch.zeros(0, H, H, dtype=torch.bool),
