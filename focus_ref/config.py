@@ -254,6 +254,13 @@ class TrainConfig:
     #   600-step 0d that missed the transition: 0.47 / 0.23 / 0.26 (lab notes, session 29)
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
     #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
+    stage0_seg_colour: float = 0.0  # (d): share of its word rows that name a present object
+    #   by its colour (shapesworld.colour_ref). ShapesWorld's expressions name an object by its
+    #   shape first, so most colour words a decoder sees are in attribute phrases of no-target
+    #   rows or beside a shape; one run's decoder read no colour at all ("the red object" ->
+    #   no mask; 40 dev scenes, one-target attribute phrases with a colour IoU 0.01 after 0d's
+    #   1200 steps and 0.02 after stage 3) while the shipped run's read them (0.94). From the
+    #   same stage-0c weights, 600 steps with 0.25 of such rows: 0.77 (lab notes, session 30)
     stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading
         steps=800, lr=1e-4, batch_size=16, warmup=20, log_every=20, ckpt_every=400))
     #   held-out reading from the caption 0.00 -> 0.49 (150 dev scenes) in 2 min; see llm_lr_mult

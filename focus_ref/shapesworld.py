@@ -186,6 +186,19 @@ def unique_attrs(scene: Scene, k: int, pool: list[int] | None = None) -> dict | 
     return None  # an identical twin: no description singles k out
 
 
+def colour_ref(scene: Scene, inst: np.ndarray, rng: np.random.Generator) -> dict | None:
+    """A referring expression that names a visible object by its colour (+ size / shape where
+    the colour alone is shared): "the red object", "the small blue circle"; None if every
+    visible object's colour needs more than that to single it out."""
+    objs = scene.objects
+    for k in rng.permutation([k for k in range(len(objs)) if (inst == k).any()]):
+        for keys in (("color",), ("color", "shape"), ("size", "color"), ("size", "color", "shape")):
+            attrs = {a: getattr(objs[int(k)], a) for a in keys}
+            if [j for j in range(len(objs)) if matches(objs[j], attrs)] == [int(k)]:
+                return {"text": f"the {phrase(attrs)}", "targets": [int(k)], "type": "attribute"}
+    return None
+
+
 def relation_holds(a: Obj, b: Obj, rel: str, margin: float = 3.0) -> bool:
     return {"left of": a.x < b.x - margin, "right of": a.x > b.x + margin,
             "above": a.y < b.y - margin, "below": a.y > b.y + margin}[rel]

@@ -265,6 +265,28 @@ def test_stage0_seg_trains_only_the_mask_decoder_on_one_target_or_none(model):
     assert changed == {"segmentation"}
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_stage0_seg_practises_colour_words_at_its_share(model, share):
+    """train.stage0_seg_colour: that share of stage 0d's word rows name a present object by its
+    colour ("the red object"); at 0 the rows are the scenes' own expressions."""
+    from focus_ref import standins
+    from focus_ref.shapesworld import COLORS
+
+    cfg = FocusConfig.tiny()
+    cfg.train.stage3_scenes, cfg.train.stage0_seg.batch_size = 16, 48
+    cfg.train.stage0_seg_colour = share
+    batch = standins.stage0_seg(model, cfg).batch_fn(0)
+    words = ~batch["region_rows"]
+    texts = [model.llm.tokenizer.decode(ids[m.bool()]) for ids, m in
+             zip(batch["input_ids"][words], batch["attention_mask"][words])]
+    coloured = [any(c in t.split() for c in COLORS) for t in texts]
+    present_colour = sum(c and not n for c, n in zip(coloured, batch["no_target"][words]))
+    if share:
+        assert present_colour >= 0.8 * len(texts), texts
+    else:
+        assert present_colour < 0.6 * len(texts), texts
+
+
 def test_word_tokens_are_the_same_words_at_train_and_inference(model, sample):
     """The per-word prompt of the mask decoder: only the expression's words (no image, no
     opening <eos>, no answer, no padding), and the same states whether the row is padded

@@ -6,7 +6,7 @@ import pytest
 from focus_ref import oracle
 from focus_ref.config import DataConfig
 from focus_ref.shapesworld import (COLORS, MIN_VISIBLE, SHAPES, Obj, Scene, ShapesWorld,
-                                   matches, pixel_centres, question_objects, radius, render,
+                                   colour_ref, matches, pixel_centres, question_objects, radius, render,
                                    sample_scene, shape_mask, visible_fractions)
 
 N = 40  # scenes checked per property
@@ -154,6 +154,26 @@ def test_referring_expressions(samples):
     forms = {len(r["text"].split()) for s in samples for r in s["refs"] if r["type"] == "none"}
     assert forms == {2, 3}  # "the triangle" / "the red object" as well as "the red triangle"
     assert sum(len(r["targets"]) > 1 for s in samples for r in s["refs"]) > 0
+
+
+def test_colour_refs_name_one_visible_object_by_its_colour(samples):
+    """Stage 0d's colour practice: the words hold a colour and pick out exactly the target,
+    which is visible; a scene whose objects share every colour-bearing description gets none."""
+    rng, found = np.random.default_rng(0), 0
+    for s in samples:
+        r = colour_ref(s["scene"], s["inst"], rng)
+        if r is None:
+            continue
+        found += 1
+        words = r["text"].split()[1:]
+        attrs = {("shape" if w in SHAPES else "color" if w in COLORS else "size"): w
+                 for w in words if w != "object"}
+        assert "color" in attrs and r["type"] == "attribute"
+        assert [k for k, o in enumerate(s["scene"].objects) if matches(o, attrs)] == r["targets"]
+        assert (s["inst"] == r["targets"][0]).any()
+    assert found >= N // 2
+    twins = Scene([Obj("circle", "red", "large", 16, 16), Obj("circle", "red", "large", 46, 46)])
+    assert colour_ref(twins, render(twins)[1], rng) is None
 
 
 def test_region_prompts_lie_on_their_object(samples):
