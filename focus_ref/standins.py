@@ -186,7 +186,8 @@ def stage0_seg(model: nn.Module, cfg) -> Stage:
         refs = [r for r in s["refs"] if len(target_masks(s["inst"], r["targets"])) <= 1]
         if rng.random() < 0.4 or not refs:
             return make_example(s, rng, "region")
-        if rng.random() < cfg.train.stage0_seg_colour:  # a present object named by its colour
+        share = cfg.train.stage0_seg_colour  # (0: no draw, the batches are as without it)
+        if share and rng.random() < share:  # a present object named by its colour
             refs = [r] if (r := colour_ref(s["scene"], s["inst"], rng)) else refs
         return make_example({**s, "refs": refs}, rng, "refseg")
 

@@ -285,6 +285,19 @@ def test_stage0_seg_practises_colour_words_at_its_share(model, share):
         assert present_colour >= 0.8 * len(texts), texts
     else:
         assert present_colour < 0.6 * len(texts), texts
+        # and at 0 no random number is drawn for it: the rows are the ones drawn before the
+        # practice existed (a region prompt 40 %, else one of the scene's own expressions)
+        pool = pretrain.sample_pool(cfg, "train", cfg.train.stage3_scenes)
+        rng = np.random.default_rng([cfg.train.seed, 0, 30])
+        idx = rng.choice(len(pool), size=48, replace=len(pool) < 48)
+        want = []
+        for i in idx:
+            refs = [r for r in pool[i]["refs"]
+                    if len(pretrain.target_masks(pool[i]["inst"], r["targets"])) <= 1]
+            region = rng.random() < 0.4 or not refs
+            want.append(pretrain.make_example(pool[i] if region else {**pool[i], "refs": refs},
+                                              rng, "region" if region else "refseg"))
+        assert torch.equal(pretrain.collate(want, model)["input_ids"], batch["input_ids"])
 
 
 def test_word_tokens_are_the_same_words_at_train_and_inference(model, sample):
