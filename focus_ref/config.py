@@ -158,18 +158,15 @@ class SegmentationConfig:
     #   0.25; about 5 more minutes of training (0.19 s a step of 32 masks)
     connected: tuple = ("click", "scribble")  # prompts whose masks keep only the parts joined
     #   to their points (interactive segmentation's usual clean-up; clicks 0.74 -> 0.76)
-    grounded_answers: bool = False  # UniPixel's mask-grounded answers (pretrain.grounded): a
+    grounded_answers: bool = True  # UniPixel's mask-grounded answers (pretrain.grounded): a
     #   question about named objects is answered "<seg><region> ... answer", one <seg> per
     #   object it names, each followed by the region tokens of its predicted mask or, when
-    #   the predictor finds nothing, RegionPromptEncoder.empty. A main job with it (stage-3
-    #   mix refseg 0.4 / region 0.12 / what 0.12 / vqa 0.28, stage 0d 1200 steps, counts
-    #   grounded; 200 val scenes): VQA 0.32 -> 0.57 (colour 0.11 -> 0.88), refseg cIoU 0.74 ->
-    #   0.47. Stage 3 rerun from that run's stage-2 snapshot (50 dev scenes): the shipped
-    #   recipe refseg 0.50, VQA 0.37, "what" 0.17; grounded, counts in words: 0.55, 0.62,
-    #   0.86: the refseg drop came before stage 3. Again from another run's stage-2 weights
-    #   (session 29): refseg 0.467 (shipped recipe) vs 0.450, VQA 0.38 vs 0.55, "what" 0.05 vs
-    #   0.57; that main job: VQA 0.56, "what" 0.84, refseg 0.43 (its stage 0d never learned to
-    #   read words on that machine). Off until a main job ships it (lab notes)
+    #   the predictor finds nothing, RegionPromptEncoder.empty (counts stay in words,
+    #   pretrain.GROUNDED_COUNTS). Shipped with stage 0d's colour practice and the stage-3 mix
+    #   of pretrain.TASK_SHARES (main job, 200 val scenes, against the recipe before):
+    #   VQA 0.32 -> 0.68 (colour 0.11 -> 0.94, shape 0.23 -> 0.91), "what is this?" 0.11 ->
+    #   0.91, refseg cIoU 0.74 -> 0.68. Without colour practice this machine's runs lost
+    #   refseg either way (0.43-0.50, lab notes sessions 28-30)
 
 @dataclass
 class DiffusionConfig:
@@ -254,15 +251,15 @@ class TrainConfig:
     #   600-step 0d that missed the transition: 0.47 / 0.23 / 0.26 (lab notes, session 29)
     #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
     #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
-    stage0_seg_colour: float = 0.0  # (d): share of its word rows that name a present object
+    stage0_seg_colour: float = 0.25  # (d): share of its word rows that name a present object
     #   by its colour (shapesworld.colour_ref). ShapesWorld's expressions name an object by its
     #   shape first, so most colour words a decoder sees are in attribute phrases of no-target
     #   rows or beside a shape; one run's decoder read no colour at all ("the red object" ->
     #   no mask; 40 dev scenes, one-target attribute phrases with a colour IoU 0.01 after 0d's
-    #   1200 steps and 0.02 after stage 3) while the shipped run's read them (0.94). From the
-    #   same stage-0c weights, 600 steps with 0.25 of such rows: 0.77; the shipped recipe's
-    #   stage 3 on top (50 dev scenes): refseg cIoU 0.491 -> 0.668, gIoU 0.634 -> 0.786,
-    #   attribute phrases 0.50 -> 0.82 (lab notes, session 30). Off until a main job ships it
+    #   1200 steps and 0.02 after stage 3) while the run shipped before read them (0.94). From
+    #   the same stage-0c weights, 600 steps with 0.25 of such rows: 0.77 (batch seeds 1 / 2:
+    #   0.73 / 0.41); the stage-3 recipe before on top (50 dev scenes): refseg cIoU 0.491 ->
+    #   0.668, attribute phrases 0.50 -> 0.82; the main job with it shipped (lab notes)
     stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading
         steps=800, lr=1e-4, batch_size=16, warmup=20, log_every=20, ckpt_every=400))
     #   held-out reading from the caption 0.00 -> 0.49 (150 dev scenes) in 2 min; see llm_lr_mult
