@@ -175,11 +175,17 @@ def phrase(attrs: dict) -> str:
     return " ".join(words + [attrs.get("shape", "object")])
 
 
-def unique_attrs(scene: Scene, k: int, pool: list[int] | None = None) -> dict | None:
-    """The shortest attribute set that picks out object k among `pool` (default: all)."""
+SHAPE_FIRST = (("shape",), ("color",), ("color", "shape"), ("size", "shape"), ("size", "color"),
+               ("size", "color", "shape"))  # how ShapesWorld's expressions name an object
+COLOUR_FIRST = (("color",), ("color", "shape"), ("size", "color"), ("size", "color", "shape"))
+
+
+def unique_attrs(scene: Scene, k: int, pool: list[int] | None = None,
+                 orders: tuple = SHAPE_FIRST) -> dict | None:
+    """The first attribute set of `orders` that picks out object k among `pool` (default:
+    all); with SHAPE_FIRST the shortest."""
     o, pool = scene.objects[k], range(len(scene.objects)) if pool is None else pool
-    for keys in (("shape",), ("color",), ("color", "shape"), ("size", "shape"),
-                 ("size", "color"), ("size", "color", "shape")):
+    for keys in orders:
         attrs = {a: getattr(o, a) for a in keys}
         if [j for j in pool if matches(scene.objects[j], attrs)] == [k]:
             return attrs
@@ -190,12 +196,9 @@ def colour_ref(scene: Scene, inst: np.ndarray, rng: np.random.Generator) -> dict
     """A referring expression that names a visible object by its colour (+ size / shape where
     the colour alone is shared): "the red object", "the small blue circle"; None if every
     visible object's colour needs more than that to single it out."""
-    objs = scene.objects
-    for k in rng.permutation([k for k in range(len(objs)) if (inst == k).any()]):
-        for keys in (("color",), ("color", "shape"), ("size", "color"), ("size", "color", "shape")):
-            attrs = {a: getattr(objs[int(k)], a) for a in keys}
-            if [j for j in range(len(objs)) if matches(objs[j], attrs)] == [int(k)]:
-                return {"text": f"the {phrase(attrs)}", "targets": [int(k)], "type": "attribute"}
+    for k in rng.permutation([k for k in range(len(scene.objects)) if (inst == k).any()]):
+        if attrs := unique_attrs(scene, int(k), orders=COLOUR_FIRST):
+            return {"text": f"the {phrase(attrs)}", "targets": [int(k)], "type": "attribute"}
     return None
 
 
