@@ -12,7 +12,9 @@ Three named presets (minGPT-style):
          weights exist.
 
 The config is saved as JSON beside every checkpoint; `FocusConfig.from_dict` refuses unknown
-keys with an error naming them, so a typo never silently falls back to a default.
+keys with an error naming them, so a typo never silently falls back to a default. A comment
+beside a knob says why it is set so; the measurements behind it are in docs/lab_notes.md
+("Why the tiny preset's knobs are set as they are").
 """
 
 from __future__ import annotations
@@ -50,12 +52,8 @@ class EncoderConfig:
     convnext_depths: tuple = (1, 1, 2, 1)
     convnext_dims: tuple = (32, 64, 96, 128)
     convnext_pretrained: str = ""
-    fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention. Its zero-initialised gate
-    #   barely opens at this scale (shipped: tanh(g) = -0.02, so the LLM reads the ViT's tokens
-    #   alone). Forced open (tanh(g) = 0.76 from stage 2 on; stages 2 + 3 rerun from one stage-1
-    #   snapshot, 150 dev scenes) the tokens carry more (a linear probe of which colour-shape pairs
-    #   an image holds: recall 0.53 -> 0.64) but VQA 0.31 -> 0.29, refseg cIoU 0.593 -> 0.590,
-    #   region mIoU 0.877 -> 0.873: no gain, so the gate starts at zero as in the paper
+    fusion_heads: int = 4  # Mini-Gemini-style windowed cross-attention; its zero-initialised gate
+    #   barely opens at this scale, and forced open it gave no gain (lab notes)
     adapter_hidden: int = 256  # MLP adapter to the LLM width
     vit_out: int = 0  # width of the vanilla tokens (global_feats); 0 = vit_hidden. Qwen2.5-VL's
     #                   patch merger outputs 2048 in the 3B model
@@ -63,12 +61,8 @@ class EncoderConfig:
     dense_heads: tuple = (7, 5, 3)  # stage 0c stand-in: classes of the per-pixel colour / shape /
     #                   size heads on the ConvNeXt (ShapesWorld's, + background); () = none (paper:
     #                   the released ConvNeXt-L already knows shapes)
-    vit_dense: bool = False  # stage 0c also teaches each ViT token what is in its window
-    #   (held out: colour 0.92, shape 0.67, size 0.85 of object pixels). Measured (issue #5, 2
-    #   cores): a probe reads which (colour, shape) pairs a held-out image holds from the LLM's
-    #   image tokens with recall 0.04 without it, 0.39 with it (ViT tokens 0.10 -> 0.57), yet
-    #   the main job's VQA stayed at chance (0.33), its stage 0 took 1.3 min longer, and edit /
-    #   generation on 300 dev scenes went 0.30 / 0.27 -> 0.27 / 0.28: off
+    vit_dense: bool = False  # stage 0c also teaches each ViT token what is in its window: the
+    #   tokens carry more, the main job gains nothing, stage 0 +1.3 min: off (lab notes)
 
     @property
     def vit_dim(self) -> int:
@@ -116,13 +110,8 @@ class SegmentationConfig:
     """SAM-style mask decoder driven by the <seg> hidden state (paper §3.3, LISA)."""
 
     dim: int = 64
-    num_layers: int = 4  # two-way transformer blocks (SAM: 2). Isolated, stage 0d alone on a
-    #   fresh predictor (600 steps, 100 dev scenes, mask IoU ignoring presence): 2 blocks (two
-    #   inits) relation 0.48 / 0.50, superlative 0.33 / 0.36, attribute 0.38 / 0.58; 4 blocks
-    #   0.56, 0.42, 0.61; 6 blocks 0.53, 0.42, 0.68; 2 blocks of width 128: 0.45, 0.32, 0.51;
-    #   4 blocks cost 3 % more stage-0d time (the decoder grid is 8 x 8). The main job with 4
-    #   (200 val scenes): refseg cIoU 0.613 -> 0.656, N / T-acc 0.925 / 0.90 -> 0.92 / 0.945,
-    #   edits 0.26 -> 0.29, generation 0.24 -> 0.22, "what is this?" 0.17 -> 0.04
+    num_layers: int = 4  # two-way transformer blocks (SAM: 2); 4 read relations and attributes
+    #   better (main job: refseg cIoU 0.613 -> 0.656; lab notes)
     num_heads: int = 4
     mlp_dim: int = 256
     num_region_tokens: int = 4  # tokens one region prompt becomes in the LLM input
@@ -135,38 +124,22 @@ class SegmentationConfig:
     max_words: int = 32  # learned word positions (a longer expression shares the last one)
     word_tokens: int = 16  # the first this many prompt words (the template "segment:" is 7
     #   of them; the longest expressions 16) also become prompt tokens of the two-way
-    #   transformer (0: off; their pooled mean is always one). Isolated, stage 0d alone on a
-    #   fresh 4-block predictor (600 steps, 100 dev scenes, mask IoU ignoring presence, one
-    #   target): off -> 12 slots: attribute 0.34 -> 0.70, relation 0.38 -> 0.60, superlative
-    #   0.32 -> 0.42, one-target "all ..." 0.37 -> 0.83. But the whole main job ends the same
-    #   (200 val scenes): refseg cIoU 0.656 -> 0.647, region mIoU 0.915 -> 0.926, "what is
-    #   this?" 0.04 -> 0.16, generation 0.22 -> 0.26; stage 3 5.8 -> 6.2 min (lab notes)
+    #   transformer (0: off; their pooled mean is always one); lab notes
     refine: tuple = ("click", "click", "scribble", "expression")  # prompts whose masks go back
-    #   in as mask prompts, one pass per listing (SAM's iterative refinement). Tiny, shipped
-    #   checkpoint, 200 held-out scenes: one pass lifted click mIoU 0.62 -> 0.74, words cIoU
-    #   0.613 -> 0.625; box and mask prompts get worse. 150 dev scenes: a second click pass
-    #   0.78 -> 0.81 (a third 0.82 on 100), one scribble pass 0.83 -> 0.85; a second pass for
-    #   words changes nothing (0.603 -> 0.601)
+    #   in as mask prompts, one pass per listing (SAM's iterative refinement): click mIoU
+    #   0.62 -> 0.74 -> 0.81 over two passes; box and mask prompts get worse (lab notes)
     clip_box: bool = True  # a box prompt bounds its object: mask pixels outside it are dropped
     #   (150 dev scenes, shipped checkpoint: box mIoU 0.86 -> 0.92; the masks spill onto the
     #   neighbouring objects)
-    fine_width: int = 32  # channels of the full-resolution mask refinement (0: none). Added
-    #   to the run28 checkpoint and only its predictor trained 600 steps at lr 2e-3, against
-    #   the same without it (100 dev scenes): region mIoU 0.879 -> 0.905 (click 0.81 -> 0.86,
-    #   mask 0.915 -> 0.927), refseg cIoU 0.591 -> 0.599; 16 channels: 0.894. The main job with
-    #   it (run29, 200 val scenes): region 0.877 -> 0.904, refseg 0.633 -> 0.611, edits 0.21 ->
-    #   0.25; about 5 more minutes of training (0.19 s a step of 32 masks)
+    fine_width: int = 32  # channels of the full-resolution mask refinement (0: none):
+    #   region mIoU 0.877 -> 0.904 in the main job, about 5 min more training (lab notes)
     connected: tuple = ("click", "scribble")  # prompts whose masks keep only the parts joined
     #   to their points (interactive segmentation's usual clean-up; clicks 0.74 -> 0.76)
     grounded_answers: bool = True  # UniPixel's mask-grounded answers (pretrain.grounded): a
     #   question about named objects is answered "<seg><region> ... answer", one <seg> per
-    #   object it names, each followed by the region tokens of its predicted mask or, when
-    #   the predictor finds nothing, RegionPromptEncoder.empty (counts stay in words,
-    #   pretrain.GROUNDED_COUNTS). Shipped with stage 0d's colour practice and the stage-3 mix
-    #   of pretrain.TASK_SHARES (main job, 200 val scenes, against the recipe before):
-    #   VQA 0.32 -> 0.68 (colour 0.11 -> 0.94, shape 0.23 -> 0.91), "what is this?" 0.11 ->
-    #   0.91, refseg cIoU 0.74 -> 0.68. Without colour practice this machine's runs lost
-    #   refseg either way (0.43-0.50, lab notes sessions 28-30)
+    #   object it names, each followed by the region tokens of its predicted mask or,
+    #   when the predictor finds nothing, RegionPromptEncoder.empty (counts stay in
+    #   words). Main job: VQA 0.32 -> 0.68, refseg cIoU 0.74 -> 0.68 (lab notes)
 
 @dataclass
 class DiffusionConfig:
@@ -235,31 +208,15 @@ class TrainConfig:
         steps=150, lr=1e-3, batch_size=32, log_every=10, ckpt_every=50))
     stage0_dense: StageConfig = field(default_factory=lambda: StageConfig(  # (c) dense ConvNeXt
         steps=3000, lr=5e-3, batch_size=32, warmup=20, log_every=50, ckpt_every=500))
-    #   1500 -> 3000 (200 dev scenes, shape of small objects read by its head at stride 8
-    #   0.71 -> 0.85); the whole main job (200 val): refseg cIoU 0.647 -> 0.741, gIoU 0.701 ->
-    #   0.797, N / T-acc 0.93 / 0.943 -> 0.965 / 0.98, VQA 0.335 -> 0.319, generation 0.26 ->
-    #   0.23; stage 0 +2 min. But 6000 (small shapes 0.85 -> 0.90) gave refseg 0.646, N / T
-    #   0.925 / 0.938, and 3000 with --seed 1 / 2 gave 0.628 / 0.709: single runs swing by
-    #   ~0.1, so the gain is not established (lab notes)
+    #   1500 -> 3000: small objects' shapes read better (0.71 -> 0.85); the main job's refseg
+    #   gain (0.647 -> 0.741) is within the spread of seeds (lab notes)
     stage0_seg: StageConfig = field(default_factory=lambda: StageConfig(  # (d) mask decoder
         steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
-    #   at 600 the decoder's word-reading transition (Dice ~0.48 -> 0.15) fell early, late or
-    #   not at all in reruns from one stage-0c snapshot (last-150-step Dice 0.27-0.39; the
-    #   shipped run's 0.157); at 1200 the three runs tried got it (0.20 / 0.13 / 0.20), not yet
-    #   in the recipe: the one main job with it changed more (grounded_answers). Shipped-recipe
-    #   stage 3 after it, batch seeds 0 / 1 / 2 (50 dev): refseg 0.50 / 0.53 / 0.49; after a
-    #   600-step 0d that missed the transition: 0.47 / 0.23 / 0.26 (lab notes, session 29)
-    #   1800 steps (0d + 3 from one stage-2 snapshot, 150 dev scenes): region mIoU 0.885
-    #   against 0.871-0.876 in three runs at 600, refseg unchanged, +2.3 min: over the budget
+    #   at 600 steps the decoder's word-reading transition comes early, late or not at all
+    #   with the batch order; the 1200-step runs tried all got it (lab notes)
     stage0_seg_colour: float = 0.25  # (d): share of its word rows that name a present object
-    #   by its colour (shapesworld.colour_ref). ShapesWorld's expressions name an object by its
-    #   shape first, so most colour words a decoder sees are in attribute phrases of no-target
-    #   rows or beside a shape; one run's decoder read no colour at all ("the red object" ->
-    #   no mask; 40 dev scenes, one-target attribute phrases with a colour IoU 0.01 after 0d's
-    #   1200 steps and 0.02 after stage 3) while the run shipped before read them (0.94). From
-    #   the same stage-0c weights, 600 steps with 0.25 of such rows: 0.77 (batch seeds 1 / 2:
-    #   0.73 / 0.41); the stage-3 recipe before on top (50 dev scenes): refseg cIoU 0.491 ->
-    #   0.668, attribute phrases 0.50 -> 0.82; the main job with it shipped (lab notes)
+    #   by its colour (scenegraph.colour_ref); without it one machine's decoder read
+    #   no colour word at all (refseg 0.49 -> 0.67 with it; lab notes, session 30)
     stage0_read: StageConfig = field(default_factory=lambda: StageConfig(  # (e) reading
         steps=800, lr=1e-4, batch_size=16, warmup=20, log_every=20, ckpt_every=400))
     #   held-out reading from the caption 0.00 -> 0.49 (150 dev scenes) in 2 min; see llm_lr_mult
@@ -275,35 +232,22 @@ class TrainConfig:
         steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(  # multimodal pretraining
         steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
-    #   lr 3e-4 (stage 3 rerun from one stage-2 snapshot, 150 dev scenes, seeds 0 / 1): refseg
-    #   cIoU 0.616 / 0.614 against 0.571-0.604 at 1e-3, region mIoU 0.879 / 0.883, VQA 0.315; but
-    #   through the whole main job (200 val scenes) the gain is gone after stage 4: refseg 0.628
-    #   (run28: 0.633), region 0.879 (0.877), VQA 0.31 (0.32), edit 0.22 (0.21), generation 0.21
-    #   (0.22): left at 1e-3
+    #   lr 3e-4: a stage-3 gain that is gone after stage 4 (lab notes)
     llm_lr_mult: float = 0.1  # stages 3 and 4 train the LLM at this x their rate (the rest at
-    #   1x): at 1e-3 even a text-only LLM learns no look-up (standins.stage0_read). With stage
-    #   0e, stage 3 rerun from run29's stage-1 snapshot (100 dev scenes, presence threshold 0):
-    #   VQA 0.325 -> 0.364, "what is this?" 0.06 -> 0.21 (0.1 without 0e: VQA 0.353); then
-    #   stage 4 at 1x undid it (whole main job, 200 val scenes: VQA 0.33, "what" 0.045,
-    #   generation 0.18), at 0.1x, from the same stage 3 (100 dev): VQA 0.357 vs 0.311, "what"
-    #   0.215 vs 0.08, refseg cIoU 0.601 vs 0.574, generation 0.23 vs 0.17
+    #   1x): at 1e-3 even a text-only LLM learns no look-up (standins.stage0_read), and
+    #   stage 4 at 1x undoes stage 3's reading (lab notes)
     stage3_scenes: int = 2000  # stages 0d, 0e and 3: ShapesWorld train scenes rendered once, reused
     stage4: StageConfig = field(default_factory=lambda: StageConfig(  # region-controlled editing
         steps=560, lr=1e-3, batch_size=24, warmup=20, log_every=10, ckpt_every=100))
-    #   stage 4 is short of updates, not of samples: at the same 13440 examples, 560 x 24 beat
-    #   420 x 32 on 96 dev edits (0.25 -> 0.31) and 64 dev captions (0.25 -> 0.27); 840 x 16
-    #   did not (0.26, 0.19) and took 7.6 min
+    #   short of updates, not of samples: at the same 13440 examples 560 x 24 beat 420 x 32
+    #   and 840 x 16 (lab notes)
     stage4_rehearsal: int = 4  # stage 4: stage-3 examples per step (against forgetting)
     stage4_ablation: StageConfig = field(default_factory=lambda: StageConfig(  # mask_ablation
         steps=150, lr=1e-3, batch_size=16, warmup=10, log_every=10, ckpt_every=50))
     w_text: float = 1.0  # text cross-entropy
     w_mask_bce: float = 2.0  # mask binary cross-entropy
-    w_mask_dice: float = 0.5  # mask Dice (LISA's weights). Dice 4 instead: stage 3 rerun from
-    #   one stage-2 snapshot, 150 dev scenes, refseg cIoU 0.571 -> 0.623 (seed 1: 0.596 ->
-    #   0.604); the whole main job, 200 val scenes: refseg 0.633 -> 0.652, gIoU 0.665 -> 0.692,
-    #   T-acc 0.923 -> 0.935, but generation 0.263 -> 0.187 (200 captions); with 0.5 kept in
-    #   stage 4 (stage 4 rerun from that job's stage 3), refseg 0.646 and generation 0.185 still:
-    #   a trade that stage 4's weight does not undo, so off
+    w_mask_dice: float = 0.5  # mask Dice (LISA's weights); 4 lifts refseg a little and
+    #   costs generation more (0.263 -> 0.187): off (lab notes)
     w_visual: float = 1.0  # visual-token cross-entropy
     grad_clip: float = 1.0  # train.fit: max gradient norm of each step; 0 = no clipping
     mixed_precision: str = "no"  # train.fit's accelerate autocast on GPUs ("bf16"); CPU: fp32

@@ -73,7 +73,7 @@ class SemanticHead(nn.Module):
 # ----- instructions from ShapesWorld samples (stage 4: instruct.py) ------------------------------------------------------------------
 def describe_target(sample: dict) -> str | None:
     """The words an edit instruction uses for its object ("the red circle"), if any."""
-    from focus_ref.shapesworld import phrase, unique_attrs
+    from focus_ref.scenegraph import phrase, unique_attrs
 
     k = sample["edit"]["target_object"]
     if k < 0 or sample["edit"]["kind"] == "background":  # a background edit names no object

@@ -102,7 +102,7 @@ def grounded(sample: dict, question: str, answer: str) -> dict:
     one that finds nothing (the count is the `<seg>`s before it: the predictor, which sees the
     image, says when the objects run out). Teacher forcing fills each <region> with the tokens
     of the object's true mask. Counts only with GROUNDED_COUNTS, else in words."""
-    from focus_ref.shapesworld import question_objects
+    from focus_ref.scenegraph import question_objects
 
     ks, kind = question_objects(sample["scene"], question), question.split()[0]
     if kind == "how" and not GROUNDED_COUNTS:

@@ -177,7 +177,7 @@ def stage0_seg(model: nn.Module, cfg) -> Stage:
     N / T 0.73 / 0.94 -> 0.81 / 0.98, region 0.77 -> 0.81. 600 steps, 0.8 min on 2 cores."""
     from focus_ref.pretrain import (collate, make_example, sample_pool, seg_loss, target_masks,
                                     word_prompts)
-    from focus_ref.shapesworld import colour_ref
+    from focus_ref.scenegraph import colour_ref
 
     enc, llm, sc = model.encoder, model.llm, cfg.train.stage0_seg
     pool = sample_pool(cfg, "train", cfg.train.stage3_scenes)

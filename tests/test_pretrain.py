@@ -10,8 +10,9 @@ from focus_ref.__main__ import main
 from focus_ref.config import FocusConfig
 from focus_ref.llm import SEG
 from focus_ref.model import FocusModel
+from focus_ref.scenegraph import question_objects
 from focus_ref.segmentation import PROMPT_KINDS
-from focus_ref.shapesworld import COLORS, SHAPES, ShapesWorld, question_objects
+from focus_ref.shapesworld import COLORS, SHAPES, ShapesWorld
 
 CFG = FocusConfig.tiny()
 H = CFG.data.image_size

@@ -5,9 +5,10 @@ import pytest
 
 from focus_ref import oracle
 from focus_ref.config import DataConfig
+from focus_ref.scenegraph import colour_ref, matches, question_objects
 from focus_ref.shapesworld import (COLORS, MIN_VISIBLE, SHAPES, Obj, Scene, ShapesWorld,
-                                   colour_ref, matches, pixel_centres, question_objects, radius, render,
-                                   sample_scene, shape_mask, visible_fractions)
+                                   pixel_centres, radius, render, sample_scene, shape_mask,
+                                   visible_fractions)
 
 N = 40  # scenes checked per property
 
