@@ -45,7 +45,7 @@ class Obj:
 @dataclass
 class Scene:
     objects: list[Obj]  # drawing order: later objects occlude earlier ones
-    background: str = "plain"  # one of TEXTURES
+    background: str = "plain"  # one of shapesworld.TEXTURES
     bg_color: str = "white"
     size: int = 64
     meta: dict = field(default_factory=dict)
@@ -54,6 +54,19 @@ class Scene:
 # ----- language: captions, expressions, questions ----------------------------------------
 def plural(shape: str) -> str:
     return shape + "s"
+
+
+def group_noun(attr: str, value: str) -> str:
+    """What a group sharing one attribute is called: "red objects", "circles"."""
+    return f"{value} objects" if attr == "color" else plural(value)
+
+
+def absent_pair(objs: list[Obj], rng: np.random.Generator) -> tuple[str, str]:
+    """A random (colour, shape) that no object has: what no-target expressions and "no"
+    questions name."""
+    absent = [(c, s) for c in COLORS for s in SHAPES
+              if not any(o.color == c and o.shape == s for o in objs)]
+    return absent[int(rng.integers(len(absent)))]
 
 
 def article(words: str) -> str:
@@ -137,11 +150,8 @@ def referring(scene: Scene, rng: np.random.Generator) -> list[dict]:
     attr = str(rng.choice(["color", "shape"]))  # several targets (gRefCOCO-style)
     val = getattr(objs[int(rng.integers(n))], attr)
     targets = [j for j in range(n) if getattr(objs[j], attr) == val]
-    noun = f"{val} objects" if attr == "color" else plural(val)
-    refs.append({"text": f"all {noun}", "targets": targets, "type": "multi"})
-    absent = [(c, s) for c in COLORS for s in SHAPES
-              if not any(o.color == c and o.shape == s for o in objs)]
-    c, s = absent[int(rng.integers(len(absent)))]
+    refs.append({"text": f"all {group_noun(attr, val)}", "targets": targets, "type": "multi"})
+    c, s = absent_pair(objs, rng)
     # no target, worded as targets are (GRES): the shape alone if no object has it, else the
     # colour alone if none has it, else both; always "colour shape" let a model spot the
     # absent ones by their wording (the old ShapesWorld: N-acc 1.00 from the words alone)
@@ -159,8 +169,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
         qa.append(("how many objects are there?", str(n)))
     else:
         v = getattr(objs[int(rng.integers(n))], attr)
-        noun = f"{v} objects" if attr == "color" else plural(v)
-        qa.append((f"how many {noun} are there?",
+        qa.append((f"how many {group_noun(attr, v)} are there?",
                    str(sum(getattr(o, attr) == v for o in objs))))
     order = rng.permutation(n)
     for k in order:  # colour of a uniquely described object
@@ -177,9 +186,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
         o = objs[int(rng.integers(n))]
         qa.append((f"is there {article(o.color)} {o.shape}?", "yes"))
     else:
-        absent = [(c, s) for c in COLORS for s in SHAPES
-                  if not any(o.color == c and o.shape == s for o in objs)]
-        c, s = absent[int(rng.integers(len(absent)))]
+        c, s = absent_pair(objs, rng)
         qa.append((f"is there {article(c)} {s}?", "no"))
     for _ in range(10):  # relative position
         a, b = (int(v) for v in rng.choice(n, 2, replace=False))
