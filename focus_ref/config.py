@@ -214,7 +214,8 @@ class TrainConfig:
         steps=600, lr=2e-3, batch_size=32, warmup=20, log_every=10, ckpt_every=200))
     #   at 600 steps the decoder's word-reading transition comes early, late or not at all
     #   with the batch order; 1200 read words better for all three orders tried (after stage 3
-    #   refseg cIoU +0.03 to +0.06; lab notes, session 32): not yet the shipped recipe
+    #   refseg cIoU +0.03 to +0.06; lab notes, session 32), but not on another machine, where a
+    #   fresh 1200-step main job scored below the shipped one (session 33): left at 600
     stage0_seg_colour: float = 0.25  # (d): share of its word rows that name a present object
     #   by its colour (scenegraph.colour_ref); without it one machine's decoder read
     #   no colour word at all (refseg 0.49 -> 0.67 with it; lab notes, session 30)
