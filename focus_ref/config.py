@@ -233,10 +233,10 @@ class TrainConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(  # adapter warm-up
         steps=150, lr=2e-3, batch_size=16, log_every=10, ckpt_every=50))
     stage3: StageConfig = field(default_factory=lambda: StageConfig(  # multimodal pretraining
-        steps=800, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
-    #   lr 3e-4: a stage-3 gain that is gone after stage 4 (lab notes); 1200 steps: "what is
-    #   this?" +0.24 / +0.29 from two snapshots (dev); a main job with it: refseg 0.66 -> 0.72,
-    #   VQA 0.63 -> 0.70 on one machine (val), not yet shipped (lab notes, session 33)
+        steps=1200, lr=1e-3, batch_size=16, warmup=20, log_every=10, ckpt_every=200))  # + seg
+    #   lr 3e-4: a stage-3 gain that is gone after stage 4 (lab notes); 800 -> 1200 steps:
+    #   "what is this?" +0.24 / +0.29 / +0.35 from three snapshots (dev); a main job with it:
+    #   refseg 0.66 -> 0.72, VQA 0.63 -> 0.70 on one machine (val; lab notes, session 33)
     llm_lr_mult: float = 0.1  # stages 3 and 4 train the LLM at this x their rate (the rest at
     #   1x): at 1e-3 even a text-only LLM learns no look-up (standins.stage0_read), and
     #   stage 4 at 1x undoes stage 3's reading (lab notes)
