@@ -26,9 +26,9 @@ SCENE = SHIPPED.parent / "scene.png"  # the README's example image (held-out val
 # 28.4 dB / usage 0.98, edit success 0.27 with background PSNR 82 dB, generation 0.21; the
 # checkpoint before, stage 3 at 800 steps on another machine: 0.75, 1.00 / 0.96, 0.925, VQA
 # 0.67 ("what" 0.93), edits 0.33, generation 0.24). They catch a checkpoint that no longer
-# loads or works with the current code; they
-# are NOT the issues' targets, several of which this checkpoint misses (README: "What the
-# shipped checkpoint measures"). Tokenizer and background floors are the targets themselves.
+# loads or works with the current code; they are NOT the issues' targets, several of which
+# this checkpoint misses (README: "What the shipped checkpoint measures"). Tokenizer and
+# background floors are the targets themselves.
 FLOORS = {"refseg.ciou": 0.5, "gres.n_acc": 0.85, "gres.t_acc": 0.85, "region.miou": 0.85,
           "region.click.miou": 0.8, "vqa.acc": 0.5, "vqa.what.acc": 0.75,
           "tokenizer.psnr": 28.0, "tokenizer.code_usage": 0.5,
@@ -70,7 +70,7 @@ def test_held_out_quality_meets_the_floors(model):
 def test_edits_keep_the_background_and_some_absent_objects_are_refused(model, val):
     q = edit_quality(model, val[:32])
     assert q["bg_psnr"] >= 28, q  # outside the predicted region the source is kept
-    # absent objects: this checkpoint refuses 18 of these 18, the one before 17 (issue 6 asks
+    # absent objects: this checkpoint refuses 18 of these 18, as did the one before (issue 6 asks
     # for all; stage 4 trains an empty <seg> for them, GRES-style); a floor
     assert refusal_quality(model, val[:24])["refused"] >= 0.5
 
